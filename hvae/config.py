@@ -1,0 +1,331 @@
+"""One explicit configuration for a run: architecture, data and training knobs.
+
+Field names follow NVAE's ``train.py`` flags where NVAE has the knob, so its
+commands carry over.  A ``Config`` holds plain Python values only, which keeps
+checkpoints loadable with ``torch.load(weights_only=True)``.
+
+    cfg = preset("cifar10", batch_size=16)
+    cfg = Config.from_dict(cfg.to_dict())
+    cfg = parse_args(["--preset", "mnist", "--num-channels-enc", "16"])
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+DATASETS = ("mnist_subset", "mnist", "cifar10", "celeba64", "imagenet32",
+            "celebahq256", "ffhq256", "lmdb", "folder")
+AMP_MODES = ("none", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is unknown, of the wrong type or not allowed."""
+
+
+@dataclass
+class Config:
+    # ---- run ---------------------------------------------------------------
+    preset: str = "demo"
+    name: str = ""              # run folder name; defaults to the preset name
+    out: str = "runs"           # parent folder of run folders
+    seed: int = 1
+    deterministic: bool = False  # deterministic kernels (exact-resume tests)
+
+    # ---- data --------------------------------------------------------------
+    dataset: str = "mnist_subset"
+    data: str = ""              # dataset location on disk (unused for mnist_subset)
+    image_size: int = 28        # height = width of the stored images
+    in_channels: int = 1
+    pad_input: int = 2          # zero pixels added on each side inside the model
+    binary: bool = True         # binarised data with a Bernoulli decoder
+    num_x_bits: int = 8         # bits per colour value (DML decoder)
+    num_workers: int = 0
+
+    # ---- architecture ------------------------------------------------------
+    num_channels_enc: int = 16
+    num_channels_dec: int = 16
+    num_latent_scales: int = 2
+    num_groups_per_scale: int = 5
+    num_latent_per_group: int = 20
+    ada_groups: bool = True
+    min_groups_per_scale: int = 1
+    num_preprocess_blocks: int = 1
+    num_preprocess_cells: int = 2
+    num_postprocess_blocks: int = 1
+    num_postprocess_cells: int = 2
+    num_cell_per_cond_enc: int = 1
+    num_cell_per_cond_dec: int = 1
+    use_se: bool = True
+    res_dist: bool = True
+    num_nf: int = 0             # IAF cells after each posterior sample
+    num_mixture_dec: int = 10
+    channels_last: bool = False
+
+    # ---- optimisation ------------------------------------------------------
+    batch_size: int = 64        # per process (per GPU)
+    epochs: int = 400
+    max_steps: int = 0          # stop after this many optimiser steps (0: no limit)
+    learning_rate: float = 1e-2
+    learning_rate_min: float = 1e-4
+    warmup_epochs: float = 5.0
+    weight_decay: float = 3e-4
+    adamax_eps: float = 1e-3
+    grad_clip: float = 200.0    # max gradient norm (0: off)
+    grad_skip: bool = True      # skip updates with non-finite or outlying norms
+    grad_skip_factor: float = 50.0  # skip when norm > factor * recent median norm
+    ema_decay: float = 0.9999   # 0: no EMA
+    amp: str = "none"
+    sync_bn: bool = False
+
+    # ---- objective ---------------------------------------------------------
+    kl_anneal_portion: float = 0.3
+    kl_const_portion: float = 1e-4
+    kl_const_coeff: float = 1e-4
+    kl_beta: float = 1.0        # final KL weight (constant-beta ablations)
+    kl_balance: bool = True
+    kl_free_bits: float = 0.0   # nats per group below which the KL is not penalised
+    kl_mc: bool = False         # Monte-Carlo KL even without flows
+    weight_decay_norm: float = 1e-2      # lambda of the spectral + BN regulariser
+    weight_decay_norm_init: float = 10.0
+    weight_decay_norm_anneal: bool = False
+    num_power_iter: int = 4
+
+    # ---- logging, checkpoints, evaluation ---------------------------------
+    log_every: int = 50          # steps between scalar logs
+    eval_every: int = 1          # epochs between validation passes
+    checkpoint_every: int = 500  # steps between periodic checkpoints
+    num_iw_samples: int = 100    # importance samples of the final test NLL
+    eval_batches: int = 0        # cap on test batches during training (0: all)
+
+    # ---------------------------------------------------------------- helpers
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        cfg = cls()
+        for key, value in values.items():
+            _set_field(cfg, key, value)
+        cfg.validate()
+        return cfg
+
+    def replace(self, **overrides: Any) -> "Config":
+        return Config.from_dict({**self.to_dict(), **overrides})
+
+    @property
+    def run_name(self) -> str:
+        return self.name or self.preset
+
+    @property
+    def downsample_factor(self) -> int:
+        """Total spatial reduction from the padded input to the coarsest latent scale."""
+        return 2 ** (self.num_preprocess_blocks + self.num_latent_scales - 1)
+
+    @property
+    def padded_size(self) -> int:
+        return self.image_size + 2 * self.pad_input
+
+    def groups_per_scale(self) -> list[int]:
+        """Latent groups per scale, coarsest (top) scale first.
+
+        With ``ada_groups`` the finest scale keeps ``num_groups_per_scale`` and
+        each coarser one has half as many, never fewer than ``min_groups_per_scale``.
+        """
+        groups, n = [], self.num_groups_per_scale
+        for _ in range(self.num_latent_scales):
+            groups.append(n)
+            if self.ada_groups:
+                n = max(self.min_groups_per_scale, n // 2)
+        return groups[::-1]
+
+    def validate(self) -> "Config":
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed: {allowed}")
+
+        need(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
+        need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
+        need(1 <= self.num_x_bits <= 8, "num_x_bits", "an integer from 1 to 8")
+        need(self.in_channels in (1, 3), "in_channels", "1 or 3")
+        need(not (self.binary and self.in_channels != 1), "binary",
+             "binary (Bernoulli) data needs in_channels=1")
+        positive = ["num_channels_enc", "num_channels_dec", "num_latent_scales",
+                    "num_groups_per_scale", "num_latent_per_group", "min_groups_per_scale",
+                    "num_cell_per_cond_enc", "num_cell_per_cond_dec", "num_mixture_dec",
+                    "batch_size", "image_size", "log_every", "eval_every",
+                    "checkpoint_every", "num_iw_samples", "num_power_iter"]
+        for name in positive:
+            need(getattr(self, name) >= 1, name, "a positive integer")
+        non_negative = ["num_preprocess_blocks", "num_preprocess_cells",
+                        "num_postprocess_blocks", "num_postprocess_cells", "num_nf",
+                        "epochs", "max_steps", "pad_input", "num_workers", "eval_batches",
+                        "warmup_epochs", "weight_decay", "grad_clip", "kl_free_bits",
+                        "weight_decay_norm", "weight_decay_norm_init", "kl_beta",
+                        "kl_anneal_portion", "kl_const_portion", "kl_const_coeff"]
+        for name in non_negative:
+            need(getattr(self, name) >= 0, name, "a value >= 0")
+        need(self.num_preprocess_cells >= 1 or self.num_preprocess_blocks == 0,
+             "num_preprocess_cells", "at least 1 when there are pre-processing blocks")
+        need(self.num_postprocess_cells >= 1 or self.num_postprocess_blocks == 0,
+             "num_postprocess_cells", "at least 1 when there are post-processing blocks")
+        need(self.learning_rate > 0, "learning_rate", "a value > 0")
+        need(0 <= self.learning_rate_min <= self.learning_rate, "learning_rate_min",
+             "a value between 0 and learning_rate")
+        need(0 <= self.ema_decay < 1, "ema_decay", "a value in [0, 1)")
+        need(self.adamax_eps > 0, "adamax_eps", "a value > 0")
+        need(self.grad_skip_factor > 1, "grad_skip_factor", "a value > 1")
+        need(self.num_nf % 2 == 0 or self.num_nf == 1, "num_nf",
+             "0, 1 or an even number (flow cells alternate their order in pairs)")
+        need(self.kl_anneal_portion + self.kl_const_portion <= 1, "kl_anneal_portion",
+             "kl_anneal_portion + kl_const_portion <= 1")
+        factor = self.downsample_factor
+        need(self.padded_size % factor == 0, "image_size",
+             f"image_size + 2*pad_input ({self.padded_size}) must be divisible by "
+             f"{factor} = 2**(num_preprocess_blocks + num_latent_scales - 1)")
+        return self
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _set_field(cfg: Config, key: str, value: Any) -> None:
+    name = key.replace("-", "_")
+    if name not in _FIELDS:
+        close = difflib.get_close_matches(name, _FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown config field {key!r}{hint}")
+    setattr(cfg, name, _coerce(name, value))
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = type(getattr(Config(), name))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={value!r} is not allowed: true or false")
+    try:
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not allowed: expected {kind.__name__}") from None
+
+
+# Presets: the NVAE paper recipes (DESIGN.md table) and a small CPU demo.
+_MNIST_DATA = dict(dataset="mnist", image_size=28, in_channels=1, pad_input=2, binary=True)
+_PAPER = dict(num_latent_per_group=20, num_cell_per_cond_enc=2, num_cell_per_cond_dec=2,
+              use_se=True, res_dist=True, num_mixture_dec=10)
+_RGB = dict(in_channels=3, pad_input=0, binary=False)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Fits the bundled 4,000-digit MNIST subset on 2 CPU cores in ~10 minutes.
+    "demo": dict(dataset="mnist_subset", image_size=28, in_channels=1, pad_input=2, binary=True,
+                 num_channels_enc=16, num_channels_dec=16, num_latent_scales=2,
+                 num_groups_per_scale=5, ada_groups=True, num_latent_per_group=20,
+                 num_preprocess_blocks=1, num_preprocess_cells=2,
+                 num_postprocess_blocks=1, num_postprocess_cells=2,
+                 num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_nf=0,
+                 batch_size=64, epochs=8, warmup_epochs=0.5, ema_decay=0.99,
+                 weight_decay_norm=1e-2, kl_anneal_portion=0.3, num_iw_samples=100,
+                 log_every=10, checkpoint_every=200),
+    "mnist": dict(**_MNIST_DATA, **_PAPER, num_channels_enc=32, num_channels_dec=32,
+                  num_latent_scales=2, num_groups_per_scale=10, ada_groups=True,
+                  num_preprocess_blocks=2, num_preprocess_cells=3,
+                  num_postprocess_blocks=2, num_postprocess_cells=3, num_nf=0,
+                  weight_decay_norm=1e-2, batch_size=200, epochs=400, learning_rate=1e-2,
+                  num_iw_samples=1000),
+    "cifar10": dict(dataset="cifar10", image_size=32, **_RGB, **_PAPER, num_x_bits=8,
+                    num_channels_enc=128, num_channels_dec=128, num_latent_scales=1,
+                    num_groups_per_scale=30, ada_groups=False,
+                    num_preprocess_blocks=1, num_preprocess_cells=2,
+                    num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=1,
+                    weight_decay_norm=1e-2, batch_size=32, epochs=400,
+                    num_iw_samples=1000),
+    "celeba64": dict(dataset="celeba64", image_size=64, **_RGB, **_PAPER, num_x_bits=8,
+                     num_channels_enc=64, num_channels_dec=64, num_latent_scales=3,
+                     num_groups_per_scale=20, ada_groups=True,
+                     num_preprocess_blocks=1, num_preprocess_cells=2,
+                     num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=1,
+                     weight_decay_norm=1e-1, batch_size=16, epochs=90,
+                     num_iw_samples=1000),
+    "imagenet32": dict(dataset="imagenet32", image_size=32, **_RGB, **_PAPER, num_x_bits=8,
+                       num_channels_enc=192, num_channels_dec=192, num_latent_scales=1,
+                       num_groups_per_scale=28, ada_groups=False,
+                       num_preprocess_blocks=1, num_preprocess_cells=2,
+                       num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=1,
+                       weight_decay_norm=1e-2, weight_decay_norm_init=1.0,
+                       weight_decay_norm_anneal=True, batch_size=24, epochs=45,
+                       num_iw_samples=1000),
+    "celebahq256": dict(dataset="celebahq256", image_size=256, **_RGB, **_PAPER, num_x_bits=5,
+                        num_channels_enc=30, num_channels_dec=30, num_latent_scales=5,
+                        num_groups_per_scale=16, ada_groups=True, min_groups_per_scale=4,
+                        num_preprocess_blocks=1, num_preprocess_cells=2,
+                        num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=2,
+                        weight_decay_norm=1e-2, weight_decay_norm_init=1.0,
+                        weight_decay_norm_anneal=True, batch_size=4, epochs=300,
+                        num_iw_samples=1000),
+    "ffhq256": dict(dataset="ffhq256", image_size=256, **_RGB, **_PAPER, num_x_bits=5,
+                    num_channels_enc=30, num_channels_dec=30, num_latent_scales=5,
+                    num_groups_per_scale=16, ada_groups=True, min_groups_per_scale=4,
+                    num_preprocess_blocks=1, num_preprocess_cells=2,
+                    num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=2,
+                    weight_decay_norm=1e-1, weight_decay_norm_init=1.0,
+                    weight_decay_norm_anneal=True, learning_rate=8e-3, batch_size=4,
+                    epochs=200, num_iw_samples=1000),
+}
+
+
+def preset(name: str, **overrides: Any) -> Config:
+    """The named recipe with ``overrides`` applied and validated."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: one of {', '.join(PRESETS)}")
+    return Config.from_dict({**PRESETS[name], "preset": name, **overrides})
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--preset`` and one flag per Config field (dashes or underscores)."""
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    group = parser.add_argument_group("config overrides (default: the preset's value)")
+    for f in fields(Config):
+        if f.name == "preset":
+            continue
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        group.add_argument(*flags, dest=f"cfg_{f.name}", default=None, metavar=type(f.default).__name__.upper(),
+                           help=f"default {f.default!r}")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the Config from parsed ``add_config_args`` flags (unset flags keep the preset)."""
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    return preset(args.preset, **overrides)
+
+
+def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+               ) -> tuple[Config, argparse.Namespace]:
+    """Parse a command line into (Config, namespace). Typos exit with a 'did you mean'."""
+    parser = add_config_args(parser or argparse.ArgumentParser())
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        names = [u.split("=")[0].lstrip("-").replace("-", "_") for u in unknown if u.startswith("--")]
+        hints = []
+        for n in names or unknown:
+            close = difflib.get_close_matches(n, _FIELDS, n=1)
+            hints.append(f"{n!r}" + (f" (did you mean --{close[0]}?)" if close else ""))
+        parser.error(f"unknown option(s): {', '.join(hints)}")
+    try:
+        return config_from_args(args), args
+    except ConfigError as err:
+        parser.error(str(err))
