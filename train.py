@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(config, resume=resume, progress=not args.no_progress, device=args.device)
     except KeyboardInterrupt:
         return 130
-    if summary:
+    if summary and "test_nelbo" in summary:  # rank 0 holds the results
         print(f"test NELBO {summary['test_nelbo']:.2f} nats ({summary['test_bpd']:.4f} bits/dim); "
               f"IW test NLL (K={config.num_iw_samples}) {summary['iw_nll_nats']:.2f} nats "
               f"({summary['iw_nll_bpd']:.4f} bits/dim)", file=sys.stderr)

@@ -210,20 +210,22 @@ class Trainer:
 
     def __init__(self, config: Config, runtime: Runtime | None = None,
                  resume: str | os.PathLike | None = None, progress: bool = True,
-                 run_dir: str | os.PathLike | None = None):
+                 run_dir: str | os.PathLike | None = None, loaders: tuple | None = None):
         self.config = config.validate()
         self.runtime = runtime or init_runtime()
         self.progress = progress and self.runtime.is_main
         self.run_dir = Path(run_dir) if run_dir else Path(config.out) / config.run_name
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
-        seed_everything(config.seed + self.runtime.rank)
+        seed_everything(config.seed)  # identical model and spectral vectors on every rank
         device = self.runtime.device
 
-        self.train_loader = hdata.build_loader(config, "train", distributed=self.runtime.distributed,
-                                               rank=self.runtime.rank,
-                                               world_size=self.runtime.world_size, device=device)
-        self.test_loader = hdata.build_loader(config, "test", device=device)
+        if loaders is None:  # (train, test) may be given directly, e.g. synthetic benchmark data
+            loaders = (hdata.build_loader(config, "train", distributed=self.runtime.distributed,
+                                          rank=self.runtime.rank, world_size=self.runtime.world_size,
+                                          device=device),
+                       hdata.build_loader(config, "test", device=device))
+        self.train_loader, self.test_loader = loaders
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps:
@@ -237,6 +239,8 @@ class Trainer:
         if config.sync_bn and self.runtime.distributed:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.spectral = objectives.SpectralRegularizer(self.model, config.num_power_iter).to(device)
+        if config.sync_bn and self.runtime.distributed and device.type == "cpu":
+            raise ValueError("sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
         self.ddp = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
                     if self.runtime.distributed else self.model)
         self.optimizer = torch.optim.Adamax(self.model.parameters(), lr=config.learning_rate,
@@ -253,6 +257,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best = math.inf
         self.writer = None
+        seed_everything(config.seed + 1 + self.runtime.rank)  # per-rank noise streams
         if resume:
             self.load(resume)
 
@@ -278,45 +283,11 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor) -> dict[str, Any]:
         """Forward, loss, backward, and (unless skipped) one optimiser update."""
-        cfg, device = self.config, self.runtime.device
-        x = x.to(device, non_blocking=True)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        lr = learning_rate(self.step, self.total_steps, self.warmup_steps, cfg)
+        lr = learning_rate(self.step, self.total_steps, self.warmup_steps, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        torch._foreach_copy_(self._bn_backup, self._bn_buffers)
-
-        self.model.train()
-        with self.autocast():
-            output = self.ddp(x)
-        loss = objectives.compute_loss(output, x, step=self.step, total_steps=self.total_steps,
-                                       config=cfg, data_dims=self.model.data_dims,
-                                       spectral=self.spectral if cfg.weight_decay_norm > 0 else None,
-                                       model=self.model)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss.loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        norm = float(grad_norm)
-        if not math.isfinite(float(loss.loss)):
-            norm = math.nan
-        skip = self.skipper.should_skip(norm)
-        if self.runtime.distributed:  # every rank takes the same decision
-            flag = all_reduce_sum(torch.tensor([float(skip)], device=device), self.runtime)
-            skip = bool(flag.item() > 0)
-        if skip:
-            torch._foreach_copy_(self._bn_buffers, self._bn_backup)  # no NaN in BN statistics
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler.is_enabled():
-                self.scaler.update(self.scaler.get_scale() / 2)
-        else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.ema is not None:
-                self.ema.update(self.model, self.step)
-        self.step += 1
+        loss = self.forward_backward(x)
+        norm, skip = self.update(loss_is_finite=math.isfinite(float(loss.loss)))
         return {"loss": float(loss.loss), "nelbo": float(loss.nelbo.mean()),
                 "recon": float(loss.recon.mean()),
                 "bpd": float(objectives.bits_per_dim(loss.nelbo.mean(), self.model.data_dims)),
@@ -327,6 +298,52 @@ class Trainer:
                 "reg_bn": float(loss.reg_bn), "reg_lambda": float(loss.reg_lambda),
                 "lr": lr, "grad_norm": norm, "skipped": skip,
                 "skipped_total": self.skipper.skipped}
+
+    def forward_backward(self, x: torch.Tensor) -> objectives.Loss:
+        """The regularised loss of one batch, back-propagated (gradients averaged over ranks)."""
+        cfg = self.config
+        x = x.to(self.runtime.device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        torch._foreach_copy_(self._bn_backup, self._bn_buffers)
+        self.model.train()
+        with self.autocast():
+            output = self.ddp(x)
+        loss = objectives.compute_loss(output, x, step=self.step, total_steps=self.total_steps,
+                                       config=cfg, data_dims=self.model.data_dims,
+                                       spectral=self.spectral if cfg.weight_decay_norm > 0 else None,
+                                       model=self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss.loss).backward()
+        return loss
+
+    def update(self, loss_is_finite: bool = True) -> tuple[float, bool]:
+        """Clip, then apply the gradients unless the step must be skipped: (norm, skipped).
+
+        A skipped step also restores the BatchNorm statistics of its forward pass,
+        so that a NaN batch leaves no trace in the model.
+        """
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not loss_is_finite:
+            norm = math.nan
+        skip = self.skipper.should_skip(norm)
+        if self.runtime.distributed:  # every rank takes the same decision
+            flag = all_reduce_sum(torch.tensor([float(skip)], device=self.runtime.device), self.runtime)
+            skip = bool(flag.item() > 0)
+        if skip:
+            torch._foreach_copy_(self._bn_buffers, self._bn_backup)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update(self.scaler.get_scale() / 2)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.model, self.step)
+        self.step += 1
+        return norm, skip
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
