@@ -1,0 +1,348 @@
+"""The training objective: NELBO, KL warm-up and balancing, free bits, regularisers.
+
+    loss  = mean_b[ recon_b + kl_coeff * sum_i c_i * KLfb_i,b ] + lambda * (spectral + bn)
+    nelbo = recon_b + sum_i KL_i,b              (per image, weight 1, never regularised)
+
+``kl_coeff`` is the warm-up schedule times ``config.kl_beta``; ``c_i`` are the
+detached per-group balancing coefficients (all 1 once the warm-up is over);
+``KLfb`` is the KL with free bits applied (see ``free_bits_kl``).  The NELBO is
+what gets reported (nats per image, or bits per dim via ``bits_per_dim``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+BALANCE_EPS = 0.01  # added to each group's mean |KL| so unused groups keep a coefficient > 0
+
+
+# --------------------------------------------------------------- schedules
+def _warmup_steps(total_steps: int, config) -> tuple[float, float]:
+    return config.kl_const_portion * total_steps, config.kl_anneal_portion * total_steps
+
+
+def kl_warmup(step: int, total_steps: int, config) -> float:
+    """The warm-up part of the KL weight, in [kl_const_coeff, 1] (1 when there is no anneal)."""
+    const_steps, anneal_steps = _warmup_steps(total_steps, config)
+    if anneal_steps <= 0:
+        return 1.0
+    return max(min((step - const_steps) / anneal_steps, 1.0), config.kl_const_coeff)
+
+
+def kl_coeff(step: int, total_steps: int, config) -> float:
+    """KL weight of the loss: the warm-up ramp times ``config.kl_beta``."""
+    return kl_warmup(step, total_steps, config) * config.kl_beta
+
+
+def _warmup_progress(step: int, total_steps: int, config) -> float:
+    """Fraction of the KL anneal done, in [0, 1]; 1 when there is no anneal."""
+    const_steps, anneal_steps = _warmup_steps(total_steps, config)
+    if anneal_steps <= 0:
+        return 1.0
+    return min(max((step - const_steps) / anneal_steps, 0.0), 1.0)
+
+
+def reg_coeff(step: int, total_steps: int, config) -> float:
+    """lambda of the spectral + BN regulariser.
+
+    With ``weight_decay_norm_anneal`` lambda moves log-linearly (geometrically)
+    from ``weight_decay_norm_init`` to ``weight_decay_norm`` over the KL anneal
+    (the same window as the KL ramp, so the strong early regularisation fades
+    as the KL reaches full weight): exactly the init value up to the end of the
+    constant phase, exactly the final value from the end of the anneal.  If one
+    end is 0 the log is undefined and the interpolation is linear instead.
+    """
+    final = config.weight_decay_norm
+    if not config.weight_decay_norm_anneal:
+        return final
+    init, p = config.weight_decay_norm_init, _warmup_progress(step, total_steps, config)
+    if p >= 1.0:
+        return final
+    if init <= 0 or final <= 0:
+        return (1 - p) * init + p * final
+    return math.exp((1 - p) * math.log(init) + p * math.log(final))
+
+
+# ------------------------------------------------------------ KL balancing
+def group_prior_weights(config) -> Tensor:
+    """Scale-dependent balancing weight per latent group, top (coarsest) group first.
+
+    Every scale is twice as wide and high as the one above, so a group at scale
+    s (0 = coarsest) has 4**s times as many spatial positions, hence latent
+    variables, as a coarsest-scale group.  Its weight is proportional to that
+    count, so a fine group's share of the KL budget is not judged as if it were
+    as small as a coarse one.  Normalised to mean 1 over groups (only ratios
+    matter: the balancing coefficients are renormalised anyway).
+    """
+    weights = [4.0 ** s for s, n in enumerate(config.groups_per_scale()) for _ in range(n)]
+    w = torch.tensor(weights, dtype=torch.float32)
+    return w / w.mean()
+
+
+def _stack_groups(kl_groups: Sequence[Tensor] | Tensor) -> Tensor:
+    """[B, G] float32 from a list of [B] tensors (or an already stacked [B, G])."""
+    kl = kl_groups if isinstance(kl_groups, Tensor) else torch.stack(list(kl_groups), dim=1)
+    return kl.float()
+
+
+def balance_coeffs(kl: Tensor, weights: Tensor) -> Tensor:
+    """c_i proportional to (mean_b |KL_i,b| + 0.01) * w_i, mean 1 over groups, detached."""
+    kl = kl.detach()
+    raw = (kl.abs().mean(dim=0) + BALANCE_EPS) * weights.to(kl.device, kl.dtype)
+    return raw / raw.mean()
+
+
+def kl_balance(kl_groups, kl_coeff: float, weights: Tensor, *, enabled: bool = True
+               ) -> tuple[Tensor, Tensor]:
+    """(balanced KL per example [B] = sum_i c_i KL_i, coefficients c [G] detached).
+
+    Balancing only acts during the warm-up (``kl_coeff`` < 1, pass the warm-up part,
+    not the beta-scaled weight): it lowers the weight of groups with small KL so
+    they are not switched off early.  Afterwards, or when not ``enabled``, c = 1.
+    """
+    kl = _stack_groups(kl_groups)
+    if enabled and kl_coeff < 1.0:
+        if weights.numel() != kl.shape[1]:
+            raise ValueError(f"{weights.numel()} balancing weights for {kl.shape[1]} KL groups; "
+                             "does config.groups_per_scale() match the model?")
+        coeffs = balance_coeffs(kl, weights)
+    else:
+        coeffs = torch.ones(kl.shape[1], device=kl.device, dtype=kl.dtype)
+    return (kl * coeffs).sum(dim=1), coeffs
+
+
+def free_bits_kl(kl: Tensor, coeffs: Tensor, free_bits: float) -> Tensor:
+    """Per-example KL term with free bits: its batch mean is sum_i c_i max(mean_b KL_i, fb).
+
+    A group whose batch-mean KL is at or below ``free_bits`` nats contributes the
+    constant ``free_bits`` (no gradient: it is free to use that much
+    information); otherwise its per-example KL passes through unchanged.  Loss only.
+    """
+    if free_bits <= 0:
+        return (kl * coeffs).sum(dim=1)
+    above = kl.detach().mean(dim=0) > free_bits
+    clipped = torch.where(above, kl, torch.full_like(kl, free_bits))
+    return (clipped * coeffs).sum(dim=1)
+
+
+# ------------------------------------------------------------ regularisers
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _conv_matrix(module: nn.Module) -> Tensor:
+    """The weight the conv applies, as [C_out, C_in*k*k] (``normalized_weight()`` when it has one)."""
+    weight = module.normalized_weight() if hasattr(module, "normalized_weight") else module.weight
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _is_regularised_conv(module: nn.Module) -> bool:
+    """Weight-normalised convs (duck-typed by ``normalized_weight()``) and any plain conv.
+
+    Linear layers (the SE gates) are left out, as in NVAE, which only constrains
+    its convolutions.
+    """
+    return callable(getattr(module, "normalized_weight", None)) or isinstance(module, _ConvNd)
+
+
+class SpectralRegularizer(nn.Module):
+    """Sum of the largest singular values of the model's conv weights (power iteration).
+
+    Weights of equal matrix shape [C_out, C_in*k*k] are stacked so that one
+    ``bmm`` per iteration serves them all.  The left/right vectors ``u_<m>x<n>``
+    [N, m] and ``v_<m>x<n>`` [N, n] are buffers, so ``state_dict()`` carries them
+    into checkpoints; they start from a fixed-seed random draw (identical on
+    every DDP rank, and the global RNG is untouched).  Each call runs
+    ``num_power_iter`` no-grad iterations (the first call ever
+    ``first_call_factor`` times as many) and returns sum u^T W v, whose gradient
+    w.r.t. W is u v^T, the gradient of the top singular value.
+
+    Pass the plain model (wrappers are unwrapped).  The model is held by
+    reference only, never as a submodule, so its parameters stay out of this
+    module's ``state_dict``.
+    """
+
+    def __init__(self, model: nn.Module, num_power_iter: int = 4, first_call_factor: int = 10,
+                 seed: int = 0):
+        super().__init__()
+        model = unwrap_model(model)
+        self.__dict__["model"] = model  # a reference, not a registered submodule
+        self.num_power_iter = int(num_power_iter)
+        self.first_call_factor = int(first_call_factor)
+        self._groups: list[tuple[str, list[str], list[nn.Module]]] = []
+        by_shape: dict[tuple[int, int], tuple[list[str], list[nn.Module]]] = {}
+        for name, module in model.named_modules():
+            if _is_regularised_conv(module):
+                with torch.no_grad():
+                    w = _conv_matrix(module)
+                if w.numel():
+                    names, mods = by_shape.setdefault(tuple(w.shape), ([], []))
+                    names.append(name)
+                    mods.append(module)
+        gen = torch.Generator().manual_seed(seed)
+        for (m, n), (names, mods) in by_shape.items():
+            key = f"{m}x{n}"
+            ref = mods[0].weight
+            for prefix, size in (("u", m), ("v", n)):
+                vec = F.normalize(torch.randn(len(mods), size, generator=gen), dim=1)
+                self.register_buffer(f"{prefix}_{key}", vec.to(ref.device, ref.dtype))
+            self._groups.append((key, names, mods))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def num_weights(self) -> int:
+        return sum(len(mods) for _, _, mods in self._groups)
+
+    def _vectors(self, key: str, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The u, v buffers of a group, moved to the weights' device/dtype if they were not."""
+        for prefix in ("u", "v"):
+            name = f"{prefix}_{key}"
+            buf = self._buffers[name]
+            if buf.device != like.device or buf.dtype != like.dtype:
+                self._buffers[name] = buf.to(like.device, like.dtype)
+        return self._buffers[f"u_{key}"], self._buffers[f"v_{key}"]
+
+    @torch.no_grad()
+    def _power_iteration(self, key: str, weights: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+        """Update and return the group's (u, v) after ``iters`` batched iterations."""
+        u_buf, v_buf = self._vectors(key, weights)
+        u, v = u_buf, v_buf
+        for _ in range(iters):
+            v = F.normalize(torch.bmm(weights.transpose(1, 2), u.unsqueeze(2)).squeeze(2), dim=1)
+            u = F.normalize(torch.bmm(weights, v.unsqueeze(2)).squeeze(2), dim=1)
+        u_buf.copy_(u)
+        v_buf.copy_(v)
+        return u_buf.clone(), v_buf.clone()
+
+    def singular_values(self) -> dict[str, Tensor]:
+        """Module name -> differentiable estimate of its top singular value (runs the iteration)."""
+        iters = self.num_power_iter * (1 if bool(self.initialized) else self.first_call_factor)
+        out: dict[str, Tensor] = {}
+        for key, names, mods in self._groups:
+            w = torch.stack([_conv_matrix(m) for m in mods])
+            with torch.autocast(w.device.type, enabled=False):
+                u, v = self._power_iteration(key, w.detach(), iters)
+                sigma = torch.bmm(u.unsqueeze(1), torch.bmm(w, v.unsqueeze(2))).flatten()
+            out.update(zip(names, sigma.float().unbind(0)))
+        self.initialized.fill_(True)
+        return out
+
+    def forward(self) -> Tensor:
+        sigmas = list(self.singular_values().values())
+        return torch.stack(sigmas).sum() if sigmas else torch.zeros(())
+
+
+def bn_regularizer(model: nn.Module) -> Tensor:
+    """Sum over BatchNorm layers (SyncBatchNorm included) of max |gamma|: keeps BN scales small."""
+    terms = [m.weight.abs().max().float() for m in unwrap_model(model).modules()
+             if isinstance(m, _BatchNorm) and m.weight is not None and m.weight.numel()]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+# --------------------------------------------------------------- the loss
+def bits_per_dim(nats, data_dims: int):
+    """Convert nats per image to bits per dimension (pixel value)."""
+    return nats / (data_dims * math.log(2.0))
+
+
+@dataclass
+class Loss:
+    """``loss`` is the only field attached to the graph; everything else is detached."""
+    loss: Tensor                # scalar to back-propagate
+    nelbo: Tensor               # [B] nats per image, KL weight 1, no free bits, no regulariser
+    recon: Tensor               # [B] -log p(x|z)
+    kl: Tensor                  # [B] sum of the groups' KL (weight 1)
+    kl_groups: Tensor           # [G] batch-mean KL per group
+    kl_coeffs: Tensor           # [G] balancing coefficients (all 1 when inactive)
+    kl_coeff: float             # warm-up * beta
+    kl_term: Tensor             # scalar: batch mean of the weighted KL actually in the loss
+    reg: Tensor                 # scalar: lambda * (reg_spectral + reg_bn)
+    reg_spectral: Tensor
+    reg_bn: Tensor
+    reg_lambda: float
+    data_dims: int
+    bpd: Tensor = field(init=False)  # [B] nelbo in bits per dim
+
+    def __post_init__(self):
+        self.bpd = bits_per_dim(self.nelbo, self.data_dims)
+
+    def scalars(self) -> dict[str, float]:
+        """Plain floats for logging."""
+        return {"loss": float(self.loss.detach()), "nelbo": float(self.nelbo.mean()),
+                "bpd": float(self.bpd.mean()), "recon": float(self.recon.mean()),
+                "kl": float(self.kl.mean()), "kl_term": float(self.kl_term),
+                "kl_coeff": self.kl_coeff, "reg": float(self.reg),
+                "reg_spectral": float(self.reg_spectral), "reg_bn": float(self.reg_bn),
+                "reg_lambda": self.reg_lambda}
+
+
+def compute_loss(output, x: Tensor, *, step: int, total_steps: int, config, data_dims: int,
+                 spectral: SpectralRegularizer | None = None, model: nn.Module | None = None
+                 ) -> Loss:
+    """The regularised training loss and the unregularised NELBO of one batch.
+
+    ``model`` is only needed for the BN term; it defaults to the model the
+    ``spectral`` regulariser was built on.  The regulariser is skipped (0) when
+    lambda == 0 or ``spectral`` is None (e.g. evaluation).
+    """
+    recon = -output.likelihood.log_prob(x).float()
+    kl = _stack_groups(output.kl)
+    warm = kl_warmup(step, total_steps, config)
+    coeff = warm * config.kl_beta
+    weights = group_prior_weights(config) if config.kl_balance and warm < 1.0 else torch.ones(0)
+    _, coeffs = kl_balance(kl, warm, weights, enabled=config.kl_balance)
+    kl_term = free_bits_kl(kl, coeffs, config.kl_free_bits)
+    objective = (recon + coeff * kl_term).mean()
+
+    lam = reg_coeff(step, total_steps, config)
+    zero = objective.new_zeros(())
+    reg_spec = reg_bn = zero
+    if lam != 0 and spectral is not None:
+        reg_spec = spectral().to(objective.device)
+        reg_bn = bn_regularizer(model if model is not None else spectral.model).to(objective.device)
+    reg = lam * (reg_spec + reg_bn)
+
+    return Loss(loss=objective + reg, nelbo=(recon + kl.sum(dim=1)).detach(),
+                recon=recon.detach(), kl=kl.sum(dim=1).detach(),
+                kl_groups=kl.detach().mean(dim=0), kl_coeffs=coeffs.detach(), kl_coeff=coeff,
+                kl_term=(coeff * kl_term).mean().detach(), reg=reg.detach(),
+                reg_spectral=reg_spec.detach(), reg_bn=reg_bn.detach(), reg_lambda=lam,
+                data_dims=data_dims)
+
+
+# ----------------------------------------------------------- active units
+def active_units(kl_per_channel_batches, threshold: float = 0.01) -> list[int]:
+    """Per group, the number of latent channels whose mean KL over the data exceeds ``threshold``.
+
+    Input: an iterable of batches, each a list (one entry per group) of [B, L]
+    per-channel KL tensors (``output.kl_per_channel``); a single batch is also
+    accepted.  A channel is active when its KL (nats, summed over positions)
+    averaged over all examples seen is above the threshold: a collapsed channel
+    has posterior = prior and KL ~ 0.
+    """
+    batches = list(kl_per_channel_batches)
+    if batches and isinstance(batches[0], Tensor):
+        batches = [batches]
+    if not batches:
+        return []
+    totals = [torch.zeros(g.shape[1], dtype=torch.float64) for g in batches[0]]
+    count = 0
+    for batch in batches:
+        for total, group in zip(totals, batch):
+            total += group.detach().double().sum(dim=0).cpu()
+        count += batch[0].shape[0]
+    return [int((total / count > threshold).sum()) for total in totals]
