@@ -98,7 +98,7 @@ class Config:
     eval_every: int = 1          # epochs between validation passes
     checkpoint_every: int = 500  # steps between periodic checkpoints
     num_iw_samples: int = 100    # importance samples of the final test NLL
-    eval_batches: int = 0        # cap on test batches during training (0: all)
+    eval_batches: int = 0        # cap on test batches of in-training evaluations, final IW NLL included (0: all)
 
     # ---------------------------------------------------------------- helpers
     def to_dict(self) -> dict[str, Any]:

@@ -287,8 +287,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.forward_backward(x)
-        norm, skip = self.update(loss_is_finite=math.isfinite(float(loss.loss)))
-        return {"loss": float(loss.loss), "nelbo": float(loss.nelbo.mean()),
+        norm, skip = self.update(loss_is_finite=math.isfinite(loss.loss.item()))
+        return {"loss": loss.loss.item(), "nelbo": float(loss.nelbo.mean()),
                 "recon": float(loss.recon.mean()),
                 "bpd": float(objectives.bits_per_dim(loss.nelbo.mean(), self.model.data_dims)),
                 "kl": float(sum(loss.kl_groups)), "kl_coeff": float(loss.kl_coeff),
@@ -351,7 +351,7 @@ class Trainer:
         """Single-sample test NELBO (nats, bits/dim) and active units of the EMA model."""
         model = self.eval_model.eval()
         total, count = torch.zeros(3, dtype=torch.float64), 0
-        kl_channels: list[torch.Tensor] | None = None
+        kl_channels: list[torch.Tensor] | None = None  # per group: [L] summed over the data
         for i, x in enumerate(self.test_loader):
             if self.config.eval_batches and i >= self.config.eval_batches:
                 break
@@ -365,9 +365,10 @@ class Trainer:
             batch_kl = [k.double().sum(0).cpu() for k in out.kl_per_channel]
             kl_channels = batch_kl if kl_channels is None else [a + b for a, b in zip(kl_channels, batch_kl)]
         recon, kl, nelbo = (total / count).tolist()
-        units = objectives.active_units([k / count for k in kl_channels]) if kl_channels else []
+        units = objectives.active_units([(k / count)[None] for k in kl_channels]) if kl_channels else []
         return {"test_nelbo": nelbo, "test_recon": recon, "test_kl": kl,
                 "test_bpd": nelbo / (self.model.data_dims * math.log(2)),
+                "test_kl_groups": [float(k.sum()) / count for k in kl_channels],
                 "active_units": [int(u) for u in units], "active_units_total": int(sum(units))}
 
     # ---------------------------------------------------------------- checkpoints
@@ -532,7 +533,8 @@ class Trainer:
         if final and self.runtime.is_main:
             from hvae.evaluation import iw_log_likelihood
             iw = iw_log_likelihood(self.eval_model, self.test_loader, self.config.num_iw_samples,
-                                   device=self.runtime.device, progress=self.progress)
+                                   device=self.runtime.device, progress=self.progress,
+                                   max_batches=self.config.eval_batches)
             metrics.update({f"iw_{k}": v for k, v in iw.items()})
             self.log({k: v for k, v in metrics.items() if k.startswith("iw_")}, prefix="test")
         if self.writer is not None:
