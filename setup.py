@@ -19,5 +19,5 @@ setup(
         "lmdb",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest"], "fid": ["pytorch-fid"]},
+    extras_require={"test": ["pytest", "pytorch-fid"], "fid": ["pytorch-fid"]},
 )

@@ -1,0 +1,203 @@
+"""Evaluate a checkpoint; prints one JSON line on stdout (progress goes to stderr).
+
+    python evaluate.py --checkpoint runs/demo/checkpoint.pt --mode nll --num-iw-samples 1000
+    python evaluate.py --checkpoint CKPT --mode sample --num 64 --temp 0.7 --readjust-bn
+    python evaluate.py --checkpoint CKPT --mode recon
+    python evaluate.py --checkpoint CKPT --mode fid --temp 0.8 --fid-weights pt_inception.pth
+    python evaluate.py --checkpoint CKPT --mode encode --split test
+    python evaluate.py --checkpoint CKPT --mode decode --latents eval/latents_test.npz --temp 0.8
+    torchrun --nproc_per_node 4 evaluate.py --checkpoint CKPT --mode nll
+
+Files go to --out (default: the checkpoint's folder / "eval").  Only ``nll`` is
+sharded over torchrun ranks; the other modes run on rank 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hvae import evaluation as ev
+
+MODES = ("nll", "sample", "recon", "fid", "encode", "decode")
+DEFAULT_NUM = {"sample": 64, "recon": 64, "fid": 50000, "nll": 0, "encode": 0, "decode": 0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    def add(name: str, **kwargs):
+        flags = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
+        p.add_argument(*flags, **kwargs)
+
+    add("checkpoint", required=True, help="checkpoint file written by training")
+    add("mode", required=True, choices=MODES)
+    add("data", default=None, help="dataset location (default: the checkpoint config's data)")
+    add("out", default=None, help="output folder (default: CHECKPOINT_DIR/eval)")
+    add("batch-size", type=int, default=None, help="default: the config's batch_size")
+    add("device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    add("no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    add("seed", type=int, default=0)
+    add("num", type=int, default=None,
+        help="images to use: samples (sample/fid, default 64/50000), inputs (recon, 64), "
+             "images of the split or of --latents (nll/encode/decode, default 0 = all)")
+    add("split", default="test", choices=("train", "test"), help="split for recon/encode")
+    add("temp", default="1.0", help="temperature, or a comma list with one value per group")
+    add("readjust-bn", action="store_true",
+        help="re-estimate BatchNorm statistics from samples at --temp before sampling")
+    add("readjust-bn-batches", type=int, default=100)
+    add("nrow", type=int, default=8, help="images per row of PNG grids")
+    add("num-iw-samples", type=int, default=None, help="K for nll (default: the config's)")
+    add("iw-chunk", type=int, default=None,
+        help="importance samples per image per forward (default: ~256 images per forward)")
+    add("sample", action="store_true", help="encode: posterior samples instead of means")
+    add("latents", default=None, help="decode: .npz written by --mode encode")
+    add("fid-weights", default=None, help="local pytorch-fid Inception weights (.pth)")
+    add("fid-cache", default=None, help="folder of cached reference statistics (default: --out)")
+    add("fid-ref-num", type=int, default=0, help="training images for FID statistics (0: all)")
+    add("no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); starts the process group from torchrun's env vars."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def run(args: argparse.Namespace) -> dict:
+    from hvae.checkpoint import load_model
+
+    rank, world, device = init_distributed(args.device)
+    model, config = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
+    if args.data is not None:
+        config = config.replace(data=args.data)
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
+    batch = args.batch_size or config.batch_size
+    num = DEFAULT_NUM[args.mode] if args.num is None else args.num
+    t = ev.parse_temperature(args.temp)
+    groups = sum(config.groups_per_scale())
+    if isinstance(t, list) and len(t) != groups:
+        raise ev.EvaluationError(f"--temp has {len(t)} values but the model has {groups} "
+                                 "latent groups: give one value, or one per group (top first)")
+    progress = not args.no_progress and rank == 0
+    result = {"mode": args.mode, "checkpoint": str(args.checkpoint), "ema": not args.no_ema}
+
+    if args.mode == "nll":
+        k = args.num_iw_samples or config.num_iw_samples
+        loader = ev.shard_loader(config, "test", rank=rank, world_size=world,
+                                 batch_size=batch, max_images=num)
+        result.update(ev.iw_log_likelihood(model, loader, k, args.iw_chunk, device, progress,
+                                            distributed=world > 1))
+        return result
+    if rank != 0:
+        return {}
+
+    if args.mode in ("sample", "fid") and args.readjust_bn:
+        model = ev.readjust_bn(model, t, args.readjust_bn_batches, batch, seed=args.seed)
+    result.update(temp=t, readjust_bn=args.readjust_bn)
+    if args.mode == "sample":
+        images = ev.generate(model, num, t, batch, seed=args.seed)
+        result.update(num=num, files=ev.save_images(images, out, _tag("samples", args), args.nrow))
+    elif args.mode == "recon":
+        result.update(recon(model, config, args, num, batch, out))
+    elif args.mode == "fid":
+        result.update(fid(model, config, args, num, batch, t, out, device, progress))
+    elif args.mode == "encode":
+        loader = ev.shard_loader(config, args.split, batch_size=batch, max_images=num)
+        latents = ev.encode_dataset(model, loader, use_mean=not args.sample, progress=progress)
+        path = ev.save_latents(out / f"latents_{args.split}.npz", latents)
+        result.update(num_images=int(latents[0].shape[0]), num_groups=len(latents),
+                      shapes=[list(z.shape[1:]) for z in latents], files={"npz": path},
+                      posterior="sample" if args.sample else "mean")
+    elif args.mode == "decode":
+        if not args.latents:
+            raise ev.EvaluationError("--mode decode needs --latents FILE (from --mode encode)")
+        latents = [z[:num] if num else z for z in ev.load_latents(args.latents)]
+        images = ev.decode_latents(model, latents, t, batch, seed=args.seed)
+        result.update(num=int(images.shape[0]), num_groups_given=len(latents),
+                      files=ev.save_images(images, out, _tag("decoded", args), args.nrow))
+    return result
+
+
+def _tag(name: str, args: argparse.Namespace) -> str:
+    temp = args.temp.replace(",", "_")
+    return f"{name}_t{temp}" + ("_bn" if args.readjust_bn else "")
+
+
+def recon(model, config, args, num, batch, out) -> dict:
+    """Reconstruction grid and mean errors over ``num`` images of the split."""
+    loader = ev.shard_loader(config, args.split, batch_size=batch, max_images=num)
+    device = ev.model_device(model)
+    inputs, recons, mse, nats = [], [], [], []
+    with ev.seeded(args.seed, device):
+        for batch in loader:
+            x = ev.images_of(batch)
+            r = ev.reconstruct(model, x.to(device))
+            inputs.append(x.float())
+            recons.append(r["recons"].cpu())
+            mse.append(r["mse"].cpu())
+            nats.append(r["recon_nats"].cpu())
+    inputs, recons = torch.cat(inputs), torch.cat(recons)
+    grid = ev.interleave_rows(inputs, recons, args.nrow)
+    files = ev.save_images(grid, out, f"recon_{args.split}", args.nrow)
+    return dict(num_images=int(inputs.shape[0]), mse=torch.cat(mse).mean().item(),
+                recon_nats=torch.cat(nats).mean().item(), files=files)
+
+
+def fid(model, config, args, num, batch, t, out, device, progress) -> dict:
+    """FID of ``num`` samples at temperature ``t`` against the training set."""
+    from hvae.data import build_loader
+
+    extractor = ev.inception_extractor(args.fid_weights, device)
+    weights = Path(args.fid_weights)
+    key = dict(dataset=config.dataset, data=str(config.data), image_size=config.image_size,
+               channels=config.in_channels, binary=config.binary, bits=config.num_x_bits,
+               ref_num=args.fid_ref_num, extractor="pytorch-fid-inception-2048",
+               weights=weights.name, weights_size=weights.stat().st_size)
+    cache = ev.stats_cache_path(args.fid_cache or out, key)
+
+    def train_loader():
+        return build_loader(config, "train", batch_size=batch, shuffle=False, drop_last=False)
+
+    ref = ev.reference_stats(extractor, train_loader, cache, key, args.fid_ref_num,
+                             device, progress)
+    score = ev.fid(model, extractor, ref, num, t, batch, args.seed, progress)
+    return dict(fid=score, num_samples=num, reference_cache=str(cache))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from hvae.checkpoint import CheckpointError
+    from hvae.config import ConfigError
+    from hvae.data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (ev.EvaluationError, ev.FIDWeightsError, CheckpointError, ConfigError,
+            DataError) as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    if result:
+        print(json.dumps(result), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
