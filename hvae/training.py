@@ -451,18 +451,21 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def epoch_batches(self) -> Iterator[torch.Tensor]:
-        """This epoch's batches, starting after those already done (mid-epoch resume)."""
-        sampler = self.train_loader.sampler
+        """This epoch's batches, starting after those already done (mid-epoch resume).
+
+        The loader is rebuilt with its own per-epoch generator: creating an iterator
+        then draws no number from the global RNG, so a resumed run's random stream
+        stays aligned with an uninterrupted one.
+        """
+        loader, sampler = self.train_loader, self.train_loader.sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
-        if self.batch_in_epoch == 0:
-            return iter(self.train_loader)
-        loader = self.train_loader
-        skip = SkipBatches(sampler, self.batch_in_epoch * loader.batch_size)
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
         return iter(torch.utils.data.DataLoader(
-            loader.dataset, batch_size=loader.batch_size, sampler=skip,
+            loader.dataset, batch_size=loader.batch_size,
+            sampler=SkipBatches(sampler, self.batch_in_epoch * loader.batch_size),
             num_workers=loader.num_workers, pin_memory=loader.pin_memory,
-            drop_last=loader.drop_last, collate_fn=loader.collate_fn))
+            drop_last=loader.drop_last, collate_fn=loader.collate_fn, generator=generator))
 
     def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
         """Train until ``total_steps`` (or ``stop_at_step``, which simulates a pre-emption)."""
