@@ -1,0 +1,357 @@
+"""Tests of hvae.model: architecture fidelity, KL and flow maths, sampling, numerics.
+
+Forward/backward runs use tiny configs; the paper presets are built on the meta
+device (structure and parameter counts only, no memory or init cost).
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hvae.config import PRESETS, preset
+from hvae.model import NVAE, NVAEOutput
+from hvae.model.cells import Conv2d, bn_act_conv, batch_norm
+from hvae.model.flows import IAFCell
+
+TINY = dict(num_channels_enc=8, num_channels_dec=8, num_latent_per_group=4,
+            num_groups_per_scale=2, batch_size=4)
+# Reduced copies of the paper presets: fewer channels/groups, smaller images.
+REDUCED = {
+    "demo": dict(TINY),
+    "mnist": dict(TINY, num_preprocess_cells=2, num_postprocess_cells=2),
+    "cifar10": dict(TINY, image_size=8),
+    "celeba64": dict(TINY, image_size=16),
+    "imagenet32": dict(TINY, image_size=8),
+    "celebahq256": dict(TINY, image_size=32, num_groups_per_scale=4, min_groups_per_scale=1),
+    "ffhq256": dict(TINY, image_size=32, num_groups_per_scale=4, min_groups_per_scale=1),
+}
+# Parameter counts of the reference NVAE implementation with the same flags (num_nf=0).
+REFERENCE_COUNTS = {"mnist": 33_363_134, "cifar10": 129_215_680}
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def make(name="demo", **overrides):
+    torch.manual_seed(0)
+    return NVAE(preset(name, **{**REDUCED.get(name, TINY), **overrides}))
+
+
+def data(model, batch=4, seed=1):
+    """A batch on the model's data grid: binary, or on the bit-depth's bin centres."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+    if cfg.binary:
+        return (torch.rand(shape, generator=g) > 0.5).float()
+    levels = 2 ** cfg.num_x_bits - 1
+    return torch.randint(0, levels + 1, shape, generator=g).float() / levels
+
+
+# ------------------------------------------------------------ architecture --
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds(name):
+    for nf in (0, PRESETS[name].get("num_nf", 0)):
+        with torch.device("meta"):
+            model = NVAE(preset(name, num_nf=nf))
+        assert model.num_groups == sum(model.config.groups_per_scale())
+        assert len(model.latent_shapes) == model.num_groups
+        if nf:
+            assert all(g.flow is not None and len(g.flow.cells) == 2 * nf for g in model.groups)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
+def test_param_count_matches_reference(name):
+    with torch.device("meta"):
+        model = NVAE(preset(name, num_nf=0))
+    assert abs(num_params(model) / REFERENCE_COUNTS[name] - 1) < 0.02
+
+
+def test_knobs_change_the_model():
+    base = make()
+    n = num_params(base)
+    for key, value in [("use_se", False), ("num_cell_per_cond_enc", 2), ("num_cell_per_cond_dec", 2),
+                       ("num_channels_enc", 16), ("num_channels_dec", 16), ("num_latent_per_group", 6),
+                       ("num_nf", 1), ("num_preprocess_cells", 3), ("num_postprocess_cells", 3)]:
+        assert num_params(make(**{key: value})) != n, key
+    assert make(num_groups_per_scale=4, ada_groups=True).config.groups_per_scale() == [2, 4]
+    assert make(num_groups_per_scale=4, ada_groups=False).num_groups == 8
+    assert make(num_groups_per_scale=4, ada_groups=True, min_groups_per_scale=3).num_groups == 7
+    rgb = make("cifar10", num_mixture_dec=3)
+    assert rgb.head[1].out_channels == 30
+    assert make("demo").head[1].out_channels == 1
+
+
+def test_convs_are_weight_normalised():
+    model = make()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(isinstance(m, Conv2d) for m in convs)
+    for conv in convs:  # at initialisation the normalised weight is the initial weight
+        torch.testing.assert_close(conv.normalized_weight(), conv.weight, rtol=1e-4, atol=1e-4)
+    assert all(isinstance(m, nn.BatchNorm2d) for m in model.modules() if "Norm" in type(m).__name__)
+
+
+def test_shapes_and_dims():
+    model = make("mnist")
+    assert model.data_dims == 28 * 28
+    assert model.latent_shapes[0] == (4, 4, 4) and model.latent_shapes[-1] == (4, 8, 8)
+    out = model(data(model))
+    assert isinstance(out, NVAEOutput)
+    assert out.likelihood.dist.logits.shape == (4, 1, 28, 28)  # padding cropped
+    assert [z.shape[1:] for z in out.z] == [torch.Size(s) for s in model.latent_shapes]
+    assert all(k.shape == (4,) for k in out.kl)
+    assert all(k.shape == (4, 4) for k in out.kl_per_channel)
+
+
+# ------------------------------------------------------ forward / backward --
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_forward_backward_reduced_presets(name):
+    model = make(name)  # keeps the preset's own num_nf
+    x = data(model, batch=2)
+    out = model(x)
+    recon = -out.likelihood.log_prob(x)
+    assert recon.shape == (2,)
+    loss = (recon + sum(out.kl)).mean()
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_fused_bn_act_conv_matches_plain_path():
+    torch.manual_seed(0)
+    for act, up, groups in [(True, False, 1), (False, True, 1), (True, False, 6)]:
+        bn, conv = batch_norm(6).double(), Conv2d(6, 6 if groups > 1 else 4, 3, groups=groups).double()
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+        bn2, conv2 = copy.deepcopy(bn), copy.deepcopy(conv)
+        x1 = torch.randn(3, 6, 5, 5, dtype=torch.double, requires_grad=True)
+        x2 = x1.detach().clone().requires_grad_()
+        y1 = bn_act_conv(x1, bn, conv, act, up)
+        h = bn2(x2)
+        h = torch.nn.functional.silu(h) if act else h
+        h = torch.nn.functional.interpolate(h, scale_factor=2) if up else h
+        y2 = conv2(h)
+        g = torch.randn_like(y1)
+        (y1 * g).sum().backward()
+        (y2 * g).sum().backward()
+        torch.testing.assert_close(y1, y2)
+        torch.testing.assert_close(x1.grad, x2.grad)
+        torch.testing.assert_close(bn.running_var, bn2.running_var)
+        for p1, p2 in zip([*bn.parameters(), *conv.parameters()], [*bn2.parameters(), *conv2.parameters()]):
+            torch.testing.assert_close(p1.grad, p2.grad)
+
+
+# ---------------------------------------------------------------- the KL --
+def _closed_form_kl(q, p):
+    mq, sq, mp, sp = q.mu.double(), q.sigma.double(), p.mu.double(), p.sigma.double()
+    return (torch.log(sp / sq) + (sq ** 2 + (mq - mp) ** 2) / (2 * sp ** 2) - 0.5).sum(dim=(2, 3))
+
+
+def test_kl_matches_closed_form():
+    model = make(num_groups_per_scale=3)
+    out = model(data(model))
+    for q, p, kl, kl_c in zip(out.posteriors, out.priors, out.kl, out.kl_per_channel):
+        expected = _closed_form_kl(q, p)
+        torch.testing.assert_close(kl_c.double(), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kl.double(), expected.sum(1), rtol=1e-4, atol=1e-3)
+    # the top prior is N(0, 1); the others come from the decoder
+    assert torch.all(out.priors[0].mu == 0) and torch.all(out.priors[0].sigma == 1)
+    assert not torch.all(out.priors[1].mu == 0)
+
+
+def test_monte_carlo_kl_is_log_q_minus_log_p():
+    for overrides in (dict(kl_mc=True), dict(num_nf=1)):
+        model = make(**overrides)
+        out = model(data(model))
+        for kl, lq, lp in zip(out.kl, out.log_q, out.log_p):
+            torch.testing.assert_close(kl, lq - lp, rtol=1e-4, atol=1e-3)
+            assert kl.requires_grad
+
+
+def test_log_q_and_log_p_values():
+    model = make()
+    out = model(data(model))
+    for q, p, z, lq, lp in zip(out.posteriors, out.priors, out.z, out.log_q, out.log_p):
+        torch.testing.assert_close(lq, q.log_prob(z).sum(dim=(1, 2, 3)), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(lp, p.log_prob(z).sum(dim=(1, 2, 3)), rtol=1e-4, atol=1e-3)
+
+
+def _posterior_params(model, x):
+    with torch.no_grad():
+        out = model(x, use_mean=True)
+    return [(q.mu.clone(), q.sigma.clone()) for q in out.posteriors]
+
+
+@pytest.mark.parametrize("res_dist", [False, True])
+def test_residual_posterior_uses_prior_only_when_enabled(res_dist):
+    model = make(res_dist=res_dist).eval()
+    x = data(model)
+    before = _posterior_params(model, x)
+    with torch.no_grad():
+        for group in model.groups[1:]:
+            conv = group.prior[1]
+            conv.bias.add_(torch.randn_like(conv.bias))
+    after = _posterior_params(model, x)
+    same = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(before, after))
+    assert same != res_dist
+
+
+# ---------------------------------------------------------------- flows --
+def _perturbed_cell(reverse, num_z=4, c_ctx=3):
+    torch.manual_seed(3)
+    cell = IAFCell(num_z, c_ctx, reverse=reverse).double()
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return cell
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_flow_cell_jacobian_is_triangular_with_matching_log_det(reverse):
+    cell = _perturbed_cell(reverse)
+    z = torch.randn(1, 4, 2, 2, dtype=torch.double)
+    ctx = torch.randn(1, 3, 2, 2, dtype=torch.double)
+    jac = torch.autograd.functional.jacobian(lambda v: cell(v, ctx)[0], z).reshape(16, 16)
+    if reverse:  # the reversed cell is autoregressive in reversed channel order
+        perm = torch.arange(16).reshape(4, 4).flip(0).reshape(-1)
+        jac = jac[perm][:, perm]
+    # channel-major order: latent channel k depends only on channels before it
+    assert torch.allclose(jac, torch.tril(jac), atol=1e-12)
+    blocks = jac.reshape(4, 4, 4, 4)
+    for k in range(4):  # diagonal blocks are diagonal
+        assert torch.allclose(blocks[k, :, k, :], torch.diag(torch.diagonal(blocks[k, :, k, :])))
+    assert torch.tril(jac, -1).abs().max() > 1e-4  # genuinely autoregressive
+    _, log_det = cell(z, ctx)
+    assert log_det.shape == (1, 4)
+    sign, logabs = torch.linalg.slogdet(jac)
+    assert sign > 0
+    torch.testing.assert_close(log_det.sum(), logabs)
+    assert log_det.sum().abs() > 1e-3
+
+
+def test_flow_log_det_depends_on_context_and_starts_near_identity():
+    torch.manual_seed(0)
+    cell = IAFCell(4, 3, reverse=False)
+    z = torch.randn(2, 4, 3, 3)
+    ctx = torch.randn(2, 3, 3, 3)
+    z1, ld1 = cell(z, ctx)
+    z2, ld2 = cell(z, ctx + 1.0)
+    assert not torch.allclose(ld1, ld2) and not torch.allclose(z1, z2)
+    assert torch.all(ld1.sum(1) != 0)
+    assert (z1 - z).abs().mean() < 0.3 * z.abs().mean()  # near the identity at init
+
+
+def test_flow_log_det_enters_log_q():
+    model = make(num_nf=1)
+    out = model(data(model), use_mean=True)
+    for q, z, lq in zip(out.posteriors, out.z, out.log_q):
+        base = q.log_prob(q.mu).sum(dim=(1, 2, 3))  # log q0 at the mean, before the flows
+        assert not torch.allclose(z, q.mu)
+        assert not torch.allclose(lq, base)
+
+
+# --------------------------------------------------- sampling and latents --
+def test_sample_shapes_ranges_and_temperatures():
+    model = make("mnist").eval()
+    for t in (1.0, 0.7, [0.5] * model.num_groups):
+        x = model.sample(3, t=t)
+        assert x.shape == (3, 1, 28, 28)
+        assert x.min() >= 0 and x.max() <= 1
+    binary = model.sample(2, output="sample")
+    assert set(binary.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="temperatures"):
+        model.sample(2, t=[1.0] * (model.num_groups + 1))
+    rgb = make("cifar10").eval()
+    x = rgb.sample(2, t=0.8)
+    assert x.shape == (2, 3, 8, 8) and x.min() >= 0 and x.max() <= 1
+    levels = x * 255
+    torch.testing.assert_close(levels, levels.round())
+
+
+def test_sampling_uses_no_encoder():
+    model = make().eval()
+    calls = []
+    for m in [model.stem, model.pre, *model.enc_cells, model.enc0]:
+        m.register_forward_hook(lambda *a: calls.append(1))
+    model.sample(2)
+    assert not calls
+
+
+def test_encode_decode():
+    model = make().eval()
+    x = data(model)
+    with torch.no_grad():
+        z = model.encode(x, use_mean=True)
+        assert [tuple(v.shape[1:]) for v in z] == model.latent_shapes
+        a = model.decode(z, output="mean")
+        b = model.decode(model.encode(x, use_mean=True), output="mean")
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert a.shape == x.shape
+        partial = model.decode(z[:2], t=0.5)
+        assert partial.shape == x.shape
+        with pytest.raises(ValueError):
+            model.decode([])  # no latents and no batch size
+
+
+def test_batch_composition_does_not_change_an_example():
+    model = make("cifar10", num_nf=1)
+    x = data(model, batch=4)
+    model.train()
+    model(x)  # move the BN running statistics away from their initial values
+    model.eval()
+    with torch.no_grad():
+        full = model(x, use_mean=True)
+        alone = model(x[:1], use_mean=True)
+    torch.testing.assert_close(full.likelihood.log_prob(x)[:1], alone.likelihood.log_prob(x[:1]))
+    for a, b in zip(full.kl, alone.kl):
+        torch.testing.assert_close(a[:1], b, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------- numerics --
+def test_bf16_autocast_forward_is_finite_float32():
+    model = make("cifar10", num_nf=1)
+    x = data(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        log_px = out.likelihood.log_prob(x)
+    assert log_px.dtype == torch.float32 and torch.isfinite(log_px).all()
+    assert all(k.dtype == torch.float32 and torch.isfinite(k).all() for k in out.kl)
+    (sum(out.kl) - log_px).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_channels_last_matches_channels_first():
+    cf = make("cifar10", num_nf=1)
+    cl = make("cifar10", num_nf=1, channels_last=True)
+    cl.load_state_dict(cf.state_dict())
+    assert cl.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = data(cf)
+    cf.eval(), cl.eval()
+    with torch.no_grad():
+        a, b = cf(x, use_mean=True), cl(x, use_mean=True)
+    torch.testing.assert_close(a.likelihood.log_prob(x), b.likelihood.log_prob(x), rtol=1e-4, atol=1e-2)
+    cl.train()
+    out = cl(x)
+    (sum(out.kl) - out.likelihood.log_prob(x)).mean().backward()
+
+
+def test_bad_input_shape_raises():
+    model = make()
+    with pytest.raises(ValueError, match="expected input"):
+        model(torch.rand(2, 1, 32, 32))
+
+
+def test_mnist_likelihood_counts_real_pixels_only():
+    model = make("mnist")
+    x = data(model)
+    out = model(x)
+    dist = out.likelihood.dist
+    manual = -torch.nn.functional.binary_cross_entropy_with_logits(
+        dist.logits, x, reduction="none").sum(dim=(1, 2, 3))
+    torch.testing.assert_close(out.likelihood.log_prob(x), manual)
+    assert math.prod(dist.logits.shape[1:]) == model.data_dims
