@@ -104,13 +104,18 @@ def images_of(batch) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------- NLL ------
-def log_weights(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass: (log w [B], single-sample NELBO [B]) in nats.
+def log_weights(model: nn.Module, x: torch.Tensor, repeats: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: (log w [B * repeats], single-sample NELBO [B * repeats]) in nats.
 
     log w = log p(x|z) + log p(z) - log q(z|x) for the z drawn in this pass;
-    the NELBO uses the objective's KL terms (analytic when available).
+    the NELBO uses the objective's KL terms (analytic when available).  With
+    ``repeats`` > 1 every image gets that many latent samples (image-major) and
+    the encoder runs once per image.
     """
-    out = model(x)
+    out = model(x, repeats=repeats) if repeats > 1 else model(x)
+    if repeats > 1:
+        x = x.repeat_interleave(repeats, dim=0)
     log_px_z = out.likelihood.log_prob(x).double()
     log_w = log_px_z + sum(p.double() for p in out.log_p) - sum(q.double() for q in out.log_q)
     nelbo = -log_px_z + sum(k.double() for k in out.kl)
@@ -133,8 +138,7 @@ def iw_log_px(model: nn.Module, x: torch.Tensor, num_samples: int,
     done = 0
     while done < num_samples:
         copies = min(chunk, num_samples - done)
-        xs = x.repeat_interleave(copies, dim=0)         # image-major: [B * copies, ...]
-        lw, ne = log_weights(model, xs)
+        lw, ne = log_weights(model, x, repeats=copies)  # image-major: [B * copies]
         log_w.append(lw.view(batch, copies))
         nelbo.append(ne.view(batch, copies))
         done += copies

@@ -113,8 +113,8 @@ class LinearGaussian(nn.Module):
             self.log_sq = nn.Parameter(torch.log(1.3 * cov.diagonal().sqrt()))
         self.data_dims = dx
 
-    def forward(self, x):
-        x = x.flatten(1)
+    def forward(self, x, repeats=1):
+        x = x.flatten(1).repeat_interleave(repeats, dim=0)
         q = Normal((x - self.b) @ self.A.T, self.log_sq.expand(x.shape[0], -1))
         p = Normal(torch.zeros_like(q.mu), torch.zeros_like(q.mu))
         z = q.sample()
@@ -208,8 +208,8 @@ class _PosteriorMeans(nn.Module):
         super().__init__()
         self.model, self.data_dims = model, model.data_dims
 
-    def forward(self, x):
-        return self.model(x, use_mean=True)
+    def forward(self, x, repeats=1):
+        return self.model(x, use_mean=True, repeats=repeats)
 
 
 def test_chunks_keep_each_image_with_its_own_weights(trained):
@@ -254,8 +254,8 @@ class _Deterministic(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x):
-        zero = torch.zeros(x.shape[0])
+    def forward(self, x, repeats=1):
+        zero = torch.zeros(x.shape[0] * repeats)
         lik = type("L", (), {"log_prob": staticmethod(lambda v: -v.flatten(1).sum(1))})
         return _Out(lik, [zero], [zero], [zero])
 

@@ -312,6 +312,26 @@ def test_batch_composition_does_not_change_an_example():
         torch.testing.assert_close(a[:1], b, rtol=1e-4, atol=1e-4)
 
 
+def test_repeats_share_the_encoder_exactly_in_eval_mode():
+    """model(x, repeats=k) == model(x.repeat_interleave(k)) (encoder run once per image)."""
+    model = make("cifar10", num_nf=1)
+    x = data(model, batch=3)
+    model.train()
+    model(x)
+    model.eval()
+    with torch.no_grad():
+        shared = model(x, use_mean=True, repeats=2)
+        plain = model(x.repeat_interleave(2, dim=0), use_mean=True)
+        xs = x.repeat_interleave(2, dim=0)
+        torch.testing.assert_close(shared.likelihood.log_prob(xs), plain.likelihood.log_prob(xs))
+        for a, b in zip(shared.log_q + shared.log_p, plain.log_q + plain.log_p):
+            torch.testing.assert_close(a, b)
+        torch.manual_seed(0)
+        sampled = model(x, repeats=5)
+    assert sampled.z[-1].shape[0] == 15
+    assert not torch.equal(sampled.z[-1][0], sampled.z[-1][1])  # independent draws per copy
+
+
 # ------------------------------------------------------------- numerics --
 def test_bf16_autocast_forward_is_finite_float32():
     model = make("cifar10", num_nf=1)

@@ -228,11 +228,21 @@ class NVAE(nn.Module):
         return Normal(*_normal_params(self.groups[i].prior(s)))
 
     # ------------------------------------------------------------- forward --
-    def forward(self, x: torch.Tensor, use_mean: bool = False) -> NVAEOutput:
+    def forward(self, x: torch.Tensor, use_mean: bool = False, repeats: int = 1) -> NVAEOutput:
         """x in [0, 1], [B, C, H, W].  ``use_mean`` takes each posterior's mean
-        instead of a sample (a deterministic pass, e.g. for tests)."""
+        instead of a sample (a deterministic pass, e.g. for tests).
+
+        ``repeats`` > 1 runs the bottom-up encoder once and the top-down pass for
+        ``repeats`` independent latent samples per image, as for
+        ``x.repeat_interleave(repeats, 0)`` (image-major); importance sampling
+        uses it to share the encoder's work.  Exact in eval mode, where
+        BatchNorm does not depend on the batch.
+        """
         cfg = self.config
         feats = self._encode_bottom_up(self._prepare(x))
+        if repeats > 1:
+            feats = [f.repeat_interleave(repeats, dim=0) for f in feats]
+            x = x.repeat_interleave(repeats, dim=0)
         analytic = cfg.num_nf == 0 and not cfg.kl_mc
         out = NVAEOutput(None, [], [], [], [], [], [], [])
         s = None
