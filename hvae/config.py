@@ -60,7 +60,7 @@ class Config:
     num_cell_per_cond_dec: int = 1
     use_se: bool = True
     res_dist: bool = True
-    num_nf: int = 0             # IAF cells after each posterior sample
+    num_nf: int = 0             # pairs of IAF cells (opposite orders) after each posterior sample
     num_mixture_dec: int = 10
     channels_last: bool = False
 
@@ -177,10 +177,11 @@ class Config:
         need(0 <= self.ema_decay < 1, "ema_decay", "a value in [0, 1)")
         need(self.adamax_eps > 0, "adamax_eps", "a value > 0")
         need(self.grad_skip_factor > 1, "grad_skip_factor", "a value > 1")
-        need(self.num_nf % 2 == 0 or self.num_nf == 1, "num_nf",
-             "0, 1 or an even number (flow cells alternate their order in pairs)")
         need(self.kl_anneal_portion + self.kl_const_portion <= 1, "kl_anneal_portion",
              "kl_anneal_portion + kl_const_portion <= 1")
+        need(self.num_postprocess_blocks == self.num_preprocess_blocks, "num_postprocess_blocks",
+             "equal to num_preprocess_blocks (each post-processing block undoes one "
+             "pre-processing down-sampling)")
         factor = self.downsample_factor
         need(self.padded_size % factor == 0, "image_size",
              f"image_size + 2*pad_input ({self.padded_size}) must be divisible by "
@@ -287,7 +288,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str, **overrides: Any) -> Config:
+def preset(name: str, /, **overrides: Any) -> Config:
     """The named recipe with ``overrides`` applied and validated."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}: one of {', '.join(PRESETS)}")

@@ -62,7 +62,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "beta_2": {"kl_anneal_portion": 0.0, "kl_const_portion": 0.0, "kl_beta": 2.0},
     "free_bits": {"kl_free_bits": 1.0},                          # nats per group
     "no_res_dist": {"res_dist": False},                          # plain (non-residual) posterior
-    "flows": {"num_nf": 1},                                      # one IAF cell per group
+    "flows": {"num_nf": 1},                                      # one IAF pair per group
     "no_flows": {"num_nf": 0},
     "mc_kl": {"kl_mc": True},                                    # Monte-Carlo KL, not analytic
 }
