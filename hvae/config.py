@@ -97,7 +97,7 @@ class Config:
     log_every: int = 50          # steps between scalar logs
     eval_every: int = 1          # epochs between validation passes
     checkpoint_every: int = 500  # steps between periodic checkpoints
-    num_iw_samples: int = 100    # importance samples of the final test NLL
+    num_iw_samples: int = 100    # importance samples of the end-of-training test NLL
     eval_batches: int = 0        # cap on test batches of in-training evaluations, final IW NLL included (0: all)
 
     # ---------------------------------------------------------------- helpers
@@ -246,21 +246,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                   num_preprocess_blocks=2, num_preprocess_cells=3,
                   num_postprocess_blocks=2, num_postprocess_cells=3, num_nf=0,
                   weight_decay_norm=1e-2, batch_size=200, epochs=400, learning_rate=1e-2,
-                  num_iw_samples=1000),
+                  num_iw_samples=100),
     "cifar10": dict(dataset="cifar10", image_size=32, **_RGB, **_PAPER, num_x_bits=8,
                     num_channels_enc=128, num_channels_dec=128, num_latent_scales=1,
                     num_groups_per_scale=30, ada_groups=False,
                     num_preprocess_blocks=1, num_preprocess_cells=2,
                     num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=1,
                     weight_decay_norm=1e-2, batch_size=32, epochs=400,
-                    num_iw_samples=1000),
+                    num_iw_samples=100),
     "celeba64": dict(dataset="celeba64", image_size=64, **_RGB, **_PAPER, num_x_bits=8,
                      num_channels_enc=64, num_channels_dec=64, num_latent_scales=3,
                      num_groups_per_scale=20, ada_groups=True,
                      num_preprocess_blocks=1, num_preprocess_cells=2,
                      num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=1,
                      weight_decay_norm=1e-1, batch_size=16, epochs=90,
-                     num_iw_samples=1000),
+                     num_iw_samples=100),
     "imagenet32": dict(dataset="imagenet32", image_size=32, **_RGB, **_PAPER, num_x_bits=8,
                        num_channels_enc=192, num_channels_dec=192, num_latent_scales=1,
                        num_groups_per_scale=28, ada_groups=False,
@@ -268,7 +268,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=1,
                        weight_decay_norm=1e-2, weight_decay_norm_init=1.0,
                        weight_decay_norm_anneal=True, batch_size=24, epochs=45,
-                       num_iw_samples=1000),
+                       num_iw_samples=100),
     "celebahq256": dict(dataset="celebahq256", image_size=256, **_RGB, **_PAPER, num_x_bits=5,
                         num_channels_enc=30, num_channels_dec=30, num_latent_scales=5,
                         num_groups_per_scale=16, ada_groups=True, min_groups_per_scale=4,
@@ -276,7 +276,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                         num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=2,
                         weight_decay_norm=1e-2, weight_decay_norm_init=1.0,
                         weight_decay_norm_anneal=True, batch_size=4, epochs=300,
-                        num_iw_samples=1000),
+                        num_iw_samples=100),
     "ffhq256": dict(dataset="ffhq256", image_size=256, **_RGB, **_PAPER, num_x_bits=5,
                     num_channels_enc=30, num_channels_dec=30, num_latent_scales=5,
                     num_groups_per_scale=16, ada_groups=True, min_groups_per_scale=4,
@@ -284,7 +284,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=2,
                     weight_decay_norm=1e-1, weight_decay_norm_init=1.0,
                     weight_decay_norm_anneal=True, learning_rate=8e-3, batch_size=4,
-                    epochs=200, num_iw_samples=1000),
+                    epochs=200, num_iw_samples=100),
 }
 
 

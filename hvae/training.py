@@ -533,13 +533,19 @@ class Trainer:
                 self.save("checkpoint_best.pt")
             self.save_images()
         self.save()
-        if final and self.runtime.is_main:
+        if final:  # every rank evaluates its own shard of the test set; sums are all-reduced
             from hvae.evaluation import iw_log_likelihood
-            iw = iw_log_likelihood(self.eval_model, self.test_loader, self.config.num_iw_samples,
-                                   device=self.runtime.device, progress=self.progress,
-                                   max_batches=self.config.eval_batches)
-            metrics.update({f"iw_{k}": v for k, v in iw.items()})
-            self.log({k: v for k, v in metrics.items() if k.startswith("iw_")}, prefix="test")
+            rt = self.runtime
+            loader = (hdata.build_loader(self.config, "test", distributed=True, rank=rt.rank,
+                                         world_size=rt.world_size, device=rt.device)
+                      if rt.distributed else self.test_loader)
+            iw = iw_log_likelihood(self.eval_model, loader, self.config.num_iw_samples,
+                                   device=rt.device, progress=self.progress,
+                                   max_batches=self.config.eval_batches,
+                                   distributed=rt.distributed)
+            if rt.is_main:
+                metrics.update({f"iw_{k}": v for k, v in iw.items()})
+                self.log({k: v for k, v in metrics.items() if k.startswith("iw_")}, prefix="test")
         if self.writer is not None:
             self.writer.flush()
         return metrics

@@ -219,3 +219,21 @@ def test_train_py_rejects_typos_and_bad_values():
         proc = subprocess.run([sys.executable, str(REPO / "train.py"), *argv],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+
+
+def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path):
+    """The README's multi-process command on CPU (gloo): trains, evaluates its shard, rank 0 writes."""
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train.py"), "--no-progress", "--out", str(out), "--max_steps", "3",
+           "--num_channels_enc", "8", "--num_channels_dec", "8", "--num_groups_per_scale", "2",
+           "--num_latent_per_group", "4", "--batch_size", "8", "--eval_batches", "2",
+           "--num_iw_samples", "2", "--channels_last", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # only rank 0 reports
+    summary = json.loads(lines[0])
+    assert summary["steps"] == 3 and math.isfinite(summary["iw_nll_nats"])
+    assert load_checkpoint(out / "demo" / "checkpoint.pt")["step"] == 3
