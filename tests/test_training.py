@@ -105,7 +105,8 @@ def _ddp_worker(rank, world_size, port, cfg_dict, batches, out_file):
     torch.manual_seed(100 + rank)
     trainer.train_step(batches[rank])
     if rank == 0:
-        torch.save(trainer.model.state_dict(), out_file)
+        grads = {n: p.grad for n, p in trainer.model.named_parameters()}
+        torch.save({"weights": trainer.model.state_dict(), "grads": grads}, out_file)
     torch.distributed.destroy_process_group()
 
 
@@ -124,7 +125,7 @@ def test_ddp_two_processes_take_the_single_process_update(tmp_path):
     torch.multiprocessing.start_processes(
         _ddp_worker, args=(2, _free_port(), cfg.to_dict(), batches, str(out_file)),
         nprocs=2, start_method="spawn")
-    ddp_weights = torch.load(out_file)
+    ddp = torch.load(out_file)
 
     reference = Trainer(cfg, Runtime(), progress=False, loaders=(batches, batches))
     spectral_state = copy.deepcopy(reference.spectral.state_dict())
@@ -138,8 +139,14 @@ def test_ddp_two_processes_take_the_single_process_update(tmp_path):
         p.grad = (ga + gb) / 2
     reference.update()
     ref = reference.model.state_dict()
+    scale = max(p.grad.abs().max().item() for p in reference.model.parameters())
     for name, p in reference.model.named_parameters():
-        torch.testing.assert_close(ddp_weights[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=1e-4, atol=1e-6 * scale,
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
+        # Adamax divides by max(|g|, eps): float noise in a tiny gradient moves a weight
+        # by up to lr * noise / eps, hence the weight tolerance of a few 1e-5.
+        torch.testing.assert_close(ddp["weights"][name], ref[name], rtol=1e-4, atol=5e-5,
+                                   msg=lambda m, name=name: f"weight {name}: {m}")
 
 
 def test_bf16_autocast_trains_with_finite_losses(tmp_path):
