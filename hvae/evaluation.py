@@ -27,6 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from hvae.objectives import bits_per_dim  # noqa: F401  (re-exported: evaluation reports bits/dim)
+
 Temperature = float | Sequence[float]
 DEFAULT_IW_IMAGES = 256  # images per forward pass of the IW estimate when no chunk is given
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
@@ -39,11 +41,6 @@ class EvaluationError(ValueError):
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def bits_per_dim(nats: float, data_dims: int) -> float:
-    """Nats per image -> bits per pixel value (for MNIST data_dims counts 28x28 only)."""
-    return nats / (data_dims * math.log(2.0))
 
 
 def parse_temperature(text: str | float | Sequence[float]) -> Temperature:

@@ -367,7 +367,7 @@ class Trainer:
         recon, kl, nelbo = (total / count).tolist()
         units = objectives.active_units([(k / count)[None] for k in kl_channels]) if kl_channels else []
         return {"test_nelbo": nelbo, "test_recon": recon, "test_kl": kl,
-                "test_bpd": nelbo / (self.model.data_dims * math.log(2)),
+                "test_bpd": objectives.bits_per_dim(nelbo, self.model.data_dims),
                 "test_kl_groups": [float(k.sum()) / count for k in kl_channels],
                 "active_units": [int(u) for u in units], "active_units_total": int(sum(units))}
 
