@@ -60,7 +60,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_warmup": {"kl_anneal_portion": 0.0, "kl_const_portion": 0.0},  # KL weight 1 from step 0
     "beta_0.5": {"kl_anneal_portion": 0.0, "kl_const_portion": 0.0, "kl_beta": 0.5},
     "beta_2": {"kl_anneal_portion": 0.0, "kl_const_portion": 0.0, "kl_beta": 2.0},
-    "free_bits": {"kl_free_bits": 1.0},                          # nats per group
+    "free_bits": {"kl_free_bits": 5.0},                          # nats per group
     "no_res_dist": {"res_dist": False},                          # plain (non-residual) posterior
     "flows": {"num_nf": 1},                                      # one IAF pair per group
     "no_flows": {"num_nf": 0},
@@ -300,7 +300,9 @@ def summarise(results: list[dict], sweep_dir: Path) -> list[dict]:
         for key in SCALARS:
             row[key], row[f"{key}_std"] = mean_std([r.get(key, math.nan) for r in runs])
         row["active_units"] = mean_lists([r.get("active_units", []) for r in runs])
-        row["kl_groups"] = mean_lists([read_curve(sweep_dir / "runs" / r["run"])[2] or []
+        # test KL per group (EMA weights), or the last training log for older results
+        row["kl_groups"] = mean_lists([r.get("test_kl_groups")
+                                       or read_curve(sweep_dir / "runs" / r["run"])[2] or []
                                        for r in runs])
         rows.append(row)
     return rows
@@ -352,7 +354,7 @@ def write_plots(rows: list[dict], results: list[dict], sweep_dir: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    grouped_bars(plt, rows, "kl_groups", "KL per group (nats, last training log)",
+    grouped_bars(plt, rows, "kl_groups", "test KL per group (nats)",
                  sweep_dir / "kl_per_group.png")
     grouped_bars(plt, rows, "active_units", "active latent units per group (test)",
                  sweep_dir / "active_units.png")
