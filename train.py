@@ -42,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         config, resume = resolve_config(config, args)
     except (CheckpointError, ConfigError) as err:
         parser.exit(2, f"error: {err}\n")
-    from hvae.training import train  # after argument errors, which should be instant
+    from hvae.training import Interrupted, train  # after argument errors, which are instant
 
     try:
         summary = train(config, resume=resume, progress=not args.no_progress, device=args.device)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the checkpoint is already saved
         return 130
+    except Interrupted:        # SIGTERM (pre-emption): likewise
+        return 143
     if summary and "test_nelbo" in summary:  # rank 0 holds the results
         print(f"test NELBO {summary['test_nelbo']:.2f} nats ({summary['test_bpd']:.4f} bits/dim); "
               f"IW test NLL (K={config.num_iw_samples}) {summary['iw_nll_nats']:.2f} nats "

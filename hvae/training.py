@@ -237,10 +237,10 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._check_data_fits()
         if config.sync_bn and self.runtime.distributed:
+            if device.type == "cpu":
+                raise ValueError("sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.spectral = objectives.SpectralRegularizer(self.model, config.num_power_iter).to(device)
-        if config.sync_bn and self.runtime.distributed and device.type == "cpu":
-            raise ValueError("sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
         self.ddp = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
                     if self.runtime.distributed else self.model)
         self.optimizer = torch.optim.Adamax(self.model.parameters(), lr=config.learning_rate,

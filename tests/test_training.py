@@ -244,3 +244,22 @@ def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path):
     summary = json.loads(lines[0])
     assert summary["steps"] == 3 and math.isfinite(summary["iw_nll_nats"])
     assert load_checkpoint(out / "demo" / "checkpoint.pt")["step"] == 3
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, max_steps=6, checkpoint_every=1000)
+    trainer = Trainer(cfg, Runtime(), progress=False)
+    real_step = Trainer.train_step
+
+    def interrupted_step(self, x):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real_step(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    ckpt = Path(cfg.out) / cfg.run_name / "checkpoint.pt"
+    assert load_checkpoint(ckpt)["step"] == 2
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert train(cfg, progress=False, resume=ckpt)["steps"] == 6
