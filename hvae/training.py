@@ -75,12 +75,6 @@ def init_runtime(device: str | None = None) -> Runtime:
     return Runtime(rank, world_size, local_rank, dev)
 
 
-def all_reduce_sum(t: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    if runtime.distributed:
-        dist.all_reduce(t)
-    return t
-
-
 # --------------------------------------------------------------------------- schedules
 def learning_rate(step: int, total_steps: int, warmup_steps: int, config: Config) -> float:
     """Linear warm-up to ``learning_rate``, then cosine decay to ``learning_rate_min``."""
@@ -287,8 +281,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.forward_backward(x)
-        norm, skip = self.update(loss_is_finite=math.isfinite(loss.loss.item()))
-        return {"loss": loss.loss.item(), "nelbo": float(loss.nelbo.mean()),
+        loss_value = loss.loss.item()
+        norm, skip = self.update(loss_is_finite=math.isfinite(loss_value))
+        return {"loss": loss_value, "nelbo": float(loss.nelbo.mean()),
                 "recon": float(loss.recon.mean()),
                 "bpd": float(objectives.bits_per_dim(loss.nelbo.mean(), self.model.data_dims)),
                 "kl": float(sum(loss.kl_groups)), "kl_coeff": float(loss.kl_coeff),
@@ -330,7 +325,8 @@ class Trainer:
             norm = math.nan
         skip = self.skipper.should_skip(norm)
         if self.runtime.distributed:  # every rank takes the same decision
-            flag = all_reduce_sum(torch.tensor([float(skip)], device=self.runtime.device), self.runtime)
+            flag = torch.tensor([float(skip)], device=self.runtime.device)
+            dist.all_reduce(flag)
             skip = bool(flag.item() > 0)
         if skip:
             torch._foreach_copy_(self._bn_buffers, self._bn_backup)
