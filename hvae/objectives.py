@@ -72,16 +72,21 @@ def reg_coeff(step: int, total_steps: int, config) -> float:
 
 # ------------------------------------------------------------ KL balancing
 def group_prior_weights(config) -> Tensor:
-    """Scale-dependent balancing weight per latent group, top (coarsest) group first.
+    """Per-group balancing weight 1 / alpha_i = n_s / 4**s, top (coarsest) group first.
 
-    Every scale is twice as wide and high as the one above, so a group at scale
-    s (0 = coarsest) has 4**s times as many spatial positions, hence latent
-    variables, as a coarsest-scale group.  Its weight is proportional to that
-    count, so a fine group's share of the KL budget is not judged as if it were
-    as small as a coarse one.  Normalised to mean 1 over groups (only ratios
-    matter: the balancing coefficients are renormalised anyway).
+    Group i at scale s (0 = coarsest) has 4**s times as many spatial positions
+    as a coarsest-scale group, so its KL, summed over those positions, is
+    4**s times larger for the same information per position.  Balancing judges
+    each group by its KL *per position*: the coefficient is divided by that
+    size (alpha_i = 4**s / n_s, n_s = number of groups at scale s).  This is
+    NVAE's code (``kl_balancer_coeff(..., fun='square')`` used as a divisor);
+    the paper's "proportional to the size" is a typo its author corrected in
+    NVAE issue 26.  For equal KL per group a scale-s group's coefficient is
+    n_s / (4**s * n_0) times the top group's.  Normalised to mean 1 over
+    groups (only ratios matter: the coefficients are renormalised anyway).
     """
-    weights = [4.0 ** s for s, n in enumerate(config.groups_per_scale()) for _ in range(n)]
+    groups = config.groups_per_scale()  # coarsest first
+    weights = [n / 4.0 ** s for s, n in enumerate(groups) for _ in range(n)]
     w = torch.tensor(weights, dtype=torch.float32)
     return w / w.mean()
 
@@ -93,7 +98,8 @@ def _stack_groups(kl_groups: Sequence[Tensor] | Tensor) -> Tensor:
 
 
 def balance_coeffs(kl: Tensor, weights: Tensor) -> Tensor:
-    """c_i proportional to (mean_b |KL_i,b| + 0.01) * w_i, mean 1 over groups, detached."""
+    """c_i proportional to (mean_b |KL_i,b| + 0.01) * w_i, mean 1 over groups, detached
+    (``w`` from ``group_prior_weights``: n_s / 4**s)."""
     kl = kl.detach()
     raw = (kl.abs().mean(dim=0) + BALANCE_EPS) * weights.to(kl.device, kl.dtype)
     return raw / raw.mean()

@@ -81,9 +81,37 @@ def test_group_prior_weights_scale_sizes():
     c = cfg(num_latent_scales=3, num_groups_per_scale=4, ada_groups=True)
     assert c.groups_per_scale() == [1, 2, 4]
     w = group_prior_weights(c)
-    raw = torch.tensor([1.0, 4, 4, 16, 16, 16, 16])
+    # 1 / alpha_i = n_s / 4**s (NVAE's code): top 1/1, middle 2/4, finest 4/16
+    raw = torch.tensor([1.0, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25])
     torch.testing.assert_close(w, raw / raw.mean())
     assert w.mean().item() == pytest.approx(1.0)
+
+
+def test_kl_balance_direction_matches_nvae():
+    """Equal KL in every group: a finer group's coefficient is n_s / (4**s n_0) of the top's.
+
+    3-scale ada config, groups [1, 2, 4] (coarsest first).  By hand: raw
+    weights 1, 2/4, 2/4, 4/16 x4 -> mean (1 + 0.5 + 0.5 + 1) / 7 = 3/7, so the
+    coefficients are 7/3, 7/6, 7/6, 7/12, 7/12, 7/12, 7/12 (mean 1).  The
+    opposite (size-proportional) direction would give a finest/top ratio of 16.
+    """
+    c = cfg(num_latent_scales=3, num_groups_per_scale=4, ada_groups=True)
+    kl = torch.full((5, 7), 3.0)
+    _, coeffs = kl_balance(kl, 0.5, group_prior_weights(c))
+    expected = torch.tensor([7 / 3, 7 / 6, 7 / 6, 7 / 12, 7 / 12, 7 / 12, 7 / 12])
+    torch.testing.assert_close(coeffs, expected)
+    assert coeffs[1] / coeffs[0] == pytest.approx(2 / (4 * 1))     # scale 1
+    assert coeffs[-1] / coeffs[0] == pytest.approx(4 / (16 * 1))   # scale 2
+    # the demo preset (groups [2, 5]): finest / top = 5 / (4 * 2) = 0.625
+    demo = cfg()
+    assert demo.groups_per_scale() == [2, 5]
+    w = group_prior_weights(demo)
+    assert (w[-1] / w[0]).item() == pytest.approx(0.625)
+    # a group's larger KL raises its coefficient in proportion (mean |KL| + 0.01)
+    kl2 = kl.clone()
+    kl2[:, 3] = 9.0
+    _, c2 = kl_balance(kl2, 0.5, group_prior_weights(c))
+    assert (c2[3] / c2[4]).item() == pytest.approx(9.01 / 3.01)
 
 
 def test_kl_balance_coefficients():
@@ -220,7 +248,7 @@ def test_compute_loss_nelbo_and_weighting():
     torch.testing.assert_close(res.nelbo, recon + kl.sum(1))
     assert res.nelbo.dtype == res.loss.dtype == torch.float32
     assert res.kl_coeff == pytest.approx(0.2)
-    w = torch.tensor([1.0, 4.0, 4.0])
+    w = torch.tensor([1.0, 0.5, 0.5])  # n_s / 4**s for groups [1, 2]
     coeffs = (kl.abs().mean(0) + 0.01) * w
     coeffs = coeffs / coeffs.mean()
     torch.testing.assert_close(res.kl_coeffs, coeffs)
