@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -64,25 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); starts the process group from torchrun's env vars."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if world > 1 and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
+def split_loader(config, split: str, batch: int, num: int, rank: int = 0, world: int = 1):
+    """The first ``num`` images of ``split`` (0: all), in order, this rank's share of them."""
+    from hvae.data import build_loader
+    return build_loader(config, split, distributed=world > 1, rank=rank, world_size=world,
+                        batch_size=batch, shuffle=False, drop_last=False, max_images=num)
 
 
 def run(args: argparse.Namespace) -> dict:
     from hvae.checkpoint import load_model
+    from hvae.runtime import init_runtime
 
-    rank, world, device = init_distributed(args.device)
+    runtime = init_runtime(args.device)
+    rank, world, device = runtime.rank, runtime.world_size, runtime.device
     model, config = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
     if args.data is not None:
         config = config.replace(data=args.data)
@@ -99,8 +92,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.mode == "nll":
         k = args.num_iw_samples or config.num_iw_samples
-        loader = ev.shard_loader(config, "test", rank=rank, world_size=world,
-                                 batch_size=batch, max_images=num)
+        loader = split_loader(config, "test", batch, num, rank, world)
         result.update(ev.iw_log_likelihood(model, loader, k, args.iw_chunk, device, progress,
                                             distributed=world > 1))
         return result
@@ -118,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     elif args.mode == "fid":
         result.update(fid(model, config, args, num, batch, t, out, device, progress))
     elif args.mode == "encode":
-        loader = ev.shard_loader(config, args.split, batch_size=batch, max_images=num)
+        loader = split_loader(config, args.split, batch, num)
         latents = ev.encode_dataset(model, loader, use_mean=not args.sample, progress=progress)
         path = ev.save_latents(out / f"latents_{args.split}.npz", latents)
         result.update(num_images=int(latents[0].shape[0]), num_groups=len(latents),
@@ -141,7 +133,7 @@ def _tag(name: str, args: argparse.Namespace) -> str:
 
 def recon(model, config, args, num, batch, out) -> dict:
     """Reconstruction grid and mean errors over ``num`` images of the split."""
-    loader = ev.shard_loader(config, args.split, batch_size=batch, max_images=num)
+    loader = split_loader(config, args.split, batch, num)
     device = ev.model_device(model)
     inputs, recons, mse, nats = [], [], [], []
     with ev.seeded(args.seed, device):

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from hvae.checkpoint import CheckpointError, load_checkpoint
+from hvae.checkpoint import CheckpointError, saved_config
 from hvae.config import Config, ConfigError, parse_args
 
 
@@ -30,7 +30,7 @@ def resolve_config(config: Config, args: argparse.Namespace) -> tuple[Config, Pa
     if not args.resume:
         return config, None
     path = Path(config.out) / config.run_name / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
-    saved = load_checkpoint(path)["config"]
+    saved = saved_config(path)
     explicit = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     return Config.from_dict({**saved, **explicit}), path
 

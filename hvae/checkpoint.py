@@ -2,6 +2,10 @@
 
 A checkpoint is a plain dict of tensors and Python values (no pickled objects), so
 ``torch.load(weights_only=True)`` reads it and a checkpoint can never run code.
+``Checkpointer`` is the one place that knows the layout of a training checkpoint:
+
+    format, config (dict), model, ema (or None), optimizer, scheduler, scaler,
+    spectral, grad_skip, rng, step, epoch, data_position {epoch, batch}, best
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from hvae.runtime import rng_state, seed_everything, set_rng_state
 
 FORMAT = "hvae-checkpoint-v1"
 
@@ -78,3 +84,63 @@ def load_model(path: str | os.PathLike, use_ema: bool = True, device: Any = "cpu
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not match the model its config describes: {err}") from err
     return model.to(device).eval(), config
+
+
+def saved_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config dict stored in a checkpoint."""
+    return load_checkpoint(path)["config"]
+
+
+class Checkpointer:
+    """Writes and restores the complete state of a training run (see the module docstring).
+
+    ``run`` is the object that holds the parts (duck-typed: ``config``, ``model``,
+    ``ema``, ``optimizer``, ``scaler``, ``spectral``, ``skipper``, ``schedule``
+    and the counters ``step``, ``epoch``, ``batch_in_epoch``, ``best``).  Only
+    the main process writes.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+
+    @staticmethod
+    def state(run) -> dict[str, Any]:
+        return {"config": run.config.to_dict(), "model": run.model.state_dict(),
+                "ema": run.ema.model.state_dict() if run.ema else None,
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": {"step": run.step, "total_steps": run.schedule.total_steps,
+                              "warmup_steps": run.schedule.lr_warmup_steps},
+                "scaler": run.scaler.state_dict(), "spectral": run.spectral.state_dict(),
+                "grad_skip": run.skipper.state_dict(), "rng": rng_state(),
+                "step": run.step, "epoch": run.epoch,
+                "data_position": {"epoch": run.epoch, "batch": run.batch_in_epoch},
+                "best": run.best}
+
+    def save(self, run, name: str = "checkpoint.pt") -> None:
+        if self.enabled:
+            save_checkpoint(self.run_dir / name, self.state(run))
+
+    @staticmethod
+    def restore(run, path: str | os.PathLike, rank: int = 0) -> None:
+        """Load ``path`` into ``run``; rank 0 restores the RNG states, other ranks
+        reseed reproducibly (their noise streams differ from rank 0's anyway)."""
+        state = load_checkpoint(path, map_location=run.runtime.device)
+        try:
+            run.model.load_state_dict(state["model"])
+            if run.ema is not None and state.get("ema") is not None:
+                run.ema.model.load_state_dict(state["ema"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.spectral.load_state_dict(state["spectral"])
+            run.skipper.load_state_dict(state["grad_skip"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this config "
+                                  f"(was it written by another architecture?): {err}") from err
+        if state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+        run.step, run.best = int(state["step"]), float(state["best"])
+        run.epoch = int(state["data_position"]["epoch"])
+        run.batch_in_epoch = int(state["data_position"]["batch"])
+        if rank == 0:
+            set_rng_state(state["rng"])
+        else:
+            seed_everything(run.config.seed + rank + 1000 * run.step)

@@ -224,68 +224,62 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}={value!r} is not allowed: expected {kind.__name__}") from None
 
 
-# Presets: the NVAE paper recipes (DESIGN.md table) and a small CPU demo.
-_MNIST_DATA = dict(dataset="mnist", image_size=28, in_channels=1, pad_input=2, binary=True)
-_PAPER = dict(num_latent_per_group=20, num_cell_per_cond_enc=2, num_cell_per_cond_dec=2,
-              use_se=True, res_dist=True, num_mixture_dec=10)
-_RGB = dict(in_channels=3, pad_input=0, binary=False)
-
-PRESETS: dict[str, dict[str, Any]] = {
+# Presets: the NVAE paper recipes (DESIGN.md table) and a small CPU demo.  Each
+# recipe names the recipe it inherits from and only the fields it changes.
+_RECIPES: dict[str, tuple[str | None, dict[str, Any]]] = {
     # Fits the bundled 4,000-digit MNIST subset on 2 CPU cores in ~10 minutes.
-    "demo": dict(dataset="mnist_subset", image_size=28, in_channels=1, pad_input=2, binary=True,
-                 num_channels_enc=16, num_channels_dec=16, num_latent_scales=2,
-                 num_groups_per_scale=5, ada_groups=True, num_latent_per_group=20,
-                 num_preprocess_blocks=1, num_preprocess_cells=2,
-                 num_postprocess_blocks=1, num_postprocess_cells=2,
-                 num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_nf=0,
-                 channels_last=True, batch_size=64, epochs=10, warmup_epochs=0.5,
-                 ema_decay=0.99, weight_decay_norm=1e-2, kl_anneal_portion=0.3,
-                 num_iw_samples=20, log_every=10, checkpoint_every=200),
-    "mnist": dict(**_MNIST_DATA, **_PAPER, num_channels_enc=32, num_channels_dec=32,
-                  num_latent_scales=2, num_groups_per_scale=10, ada_groups=True,
-                  num_preprocess_blocks=2, num_preprocess_cells=3,
-                  num_postprocess_blocks=2, num_postprocess_cells=3, num_nf=0,
-                  weight_decay_norm=1e-2, batch_size=200, epochs=400, learning_rate=1e-2,
-                  num_iw_samples=100),
-    "cifar10": dict(dataset="cifar10", image_size=32, **_RGB, **_PAPER, num_x_bits=8,
-                    num_channels_enc=128, num_channels_dec=128, num_latent_scales=1,
-                    num_groups_per_scale=30, ada_groups=False,
-                    num_preprocess_blocks=1, num_preprocess_cells=2,
-                    num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=1,
-                    weight_decay_norm=1e-2, batch_size=32, epochs=400,
-                    num_iw_samples=100),
-    "celeba64": dict(dataset="celeba64", image_size=64, **_RGB, **_PAPER, num_x_bits=8,
-                     num_channels_enc=64, num_channels_dec=64, num_latent_scales=3,
-                     num_groups_per_scale=20, ada_groups=True,
-                     num_preprocess_blocks=1, num_preprocess_cells=2,
-                     num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=1,
-                     weight_decay_norm=1e-1, batch_size=16, epochs=90,
-                     num_iw_samples=100),
-    "imagenet32": dict(dataset="imagenet32", image_size=32, **_RGB, **_PAPER, num_x_bits=8,
-                       num_channels_enc=192, num_channels_dec=192, num_latent_scales=1,
-                       num_groups_per_scale=28, ada_groups=False,
-                       num_preprocess_blocks=1, num_preprocess_cells=2,
-                       num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=1,
-                       weight_decay_norm=1e-2, weight_decay_norm_init=1.0,
-                       weight_decay_norm_anneal=True, batch_size=24, epochs=45,
-                       num_iw_samples=100),
-    "celebahq256": dict(dataset="celebahq256", image_size=256, **_RGB, **_PAPER, num_x_bits=5,
-                        num_channels_enc=30, num_channels_dec=30, num_latent_scales=5,
-                        num_groups_per_scale=16, ada_groups=True, min_groups_per_scale=4,
-                        num_preprocess_blocks=1, num_preprocess_cells=2,
-                        num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=2,
-                        weight_decay_norm=1e-2, weight_decay_norm_init=1.0,
-                        weight_decay_norm_anneal=True, batch_size=4, epochs=300,
-                        num_iw_samples=100),
-    "ffhq256": dict(dataset="ffhq256", image_size=256, **_RGB, **_PAPER, num_x_bits=5,
-                    num_channels_enc=30, num_channels_dec=30, num_latent_scales=5,
-                    num_groups_per_scale=16, ada_groups=True, min_groups_per_scale=4,
-                    num_preprocess_blocks=1, num_preprocess_cells=2,
-                    num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=2,
-                    weight_decay_norm=1e-1, weight_decay_norm_init=1.0,
-                    weight_decay_norm_anneal=True, learning_rate=8e-3, batch_size=4,
-                    epochs=200, num_iw_samples=100),
+    "demo": (None, dict(
+        dataset="mnist_subset", image_size=28, in_channels=1, pad_input=2, binary=True,
+        num_channels_enc=16, num_channels_dec=16, num_latent_scales=2,
+        num_groups_per_scale=5, ada_groups=True, num_latent_per_group=20,
+        num_preprocess_blocks=1, num_preprocess_cells=2,
+        num_postprocess_blocks=1, num_postprocess_cells=2,
+        num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_nf=0,
+        channels_last=True, batch_size=64, epochs=10, warmup_epochs=0.5,
+        ema_decay=0.99, weight_decay_norm=1e-2, kl_anneal_portion=0.3,
+        num_iw_samples=20, log_every=10, checkpoint_every=200)),
+    # What every paper recipe shares (NVAE's README commands).
+    "_paper": (None, dict(
+        num_latent_per_group=20, num_cell_per_cond_enc=2, num_cell_per_cond_dec=2,
+        use_se=True, res_dist=True, num_mixture_dec=10,
+        num_preprocess_blocks=1, num_preprocess_cells=2,
+        num_postprocess_blocks=1, num_postprocess_cells=2,
+        learning_rate=1e-2, weight_decay_norm=1e-2, num_iw_samples=100)),
+    "mnist": ("_paper", dict(
+        dataset="mnist", image_size=28, in_channels=1, pad_input=2, binary=True,
+        num_channels_enc=32, num_channels_dec=32, num_latent_scales=2,
+        num_groups_per_scale=10, ada_groups=True, num_nf=0,
+        num_preprocess_blocks=2, num_preprocess_cells=3,
+        num_postprocess_blocks=2, num_postprocess_cells=3, batch_size=200, epochs=400)),
+    "cifar10": ("_paper", dict(
+        dataset="cifar10", image_size=32, in_channels=3, pad_input=0, binary=False,
+        num_x_bits=8, num_channels_enc=128, num_channels_dec=128, num_latent_scales=1,
+        num_groups_per_scale=30, ada_groups=False, num_nf=1, batch_size=32, epochs=400)),
+    "celeba64": ("cifar10", dict(
+        dataset="celeba64", image_size=64, num_channels_enc=64, num_channels_dec=64,
+        num_latent_scales=3, num_groups_per_scale=20, ada_groups=True,
+        weight_decay_norm=1e-1, batch_size=16, epochs=90)),
+    "imagenet32": ("cifar10", dict(
+        dataset="imagenet32", num_channels_enc=192, num_channels_dec=192,
+        num_groups_per_scale=28, weight_decay_norm_init=1.0, weight_decay_norm_anneal=True,
+        batch_size=24, epochs=45)),
+    "celebahq256": ("cifar10", dict(
+        dataset="celebahq256", image_size=256, num_x_bits=5, num_channels_enc=30,
+        num_channels_dec=30, num_latent_scales=5, num_groups_per_scale=16, ada_groups=True,
+        min_groups_per_scale=4, num_nf=2, weight_decay_norm_init=1.0,
+        weight_decay_norm_anneal=True, batch_size=4, epochs=300)),
+    "ffhq256": ("celebahq256", dict(
+        dataset="ffhq256", weight_decay_norm=1e-1, learning_rate=8e-3, epochs=200)),
 }
+
+
+def _resolve(name: str) -> dict[str, Any]:
+    parent, fields_ = _RECIPES[name]
+    return {**(_resolve(parent) if parent else {}), **fields_}
+
+
+PRESETS: dict[str, dict[str, Any]] = {name: _resolve(name) for name in _RECIPES
+                                      if not name.startswith("_")}
 
 
 def preset(name: str, /, **overrides: Any) -> Config:

@@ -45,7 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.1          # share of a plain image folder used as the test split
@@ -208,15 +208,19 @@ class EpochSampler(DistributedSampler):
 def build_loader(config, split: str, *, distributed: bool = False, rank: int = 0,
                  world_size: int = 1, batch_size: int | None = None, shuffle: bool | None = None,
                  drop_last: bool | None = None, device=None,
-                 dataset: Dataset | None = None) -> DataLoader:
+                 dataset: Dataset | None = None, max_images: int = 0) -> DataLoader:
     """A DataLoader over ``split``; ``loader.sampler.set_epoch(e)`` sets the (seeded) order.
 
     Training defaults to shuffle + drop_last, evaluation to neither.  With
     ``distributed`` each rank reads a disjoint shard.  ``dataset`` reuses an
-    already built dataset.
+    already built dataset; ``max_images`` > 0 keeps only its first images.
+    Evaluation shards (``distributed`` without shuffle and drop_last) are
+    disjoint and cover the set exactly: each image is evaluated once.
     """
     train = split == "train"
     dataset = build_dataset(config, split) if dataset is None else dataset
+    if max_images > 0:
+        dataset = Subset(dataset, range(min(max_images, len(dataset))))
     shuffle = train if shuffle is None else shuffle
     drop_last = train if drop_last is None else drop_last
     batch_size = batch_size or config.batch_size

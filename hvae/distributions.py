@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "LOG_SIGMA_BOUND", "soft_clamp", "Normal", "DiscMixLogistic", "Bernoulli",
+    "LOG_SIGMA_BOUND", "soft_clamp", "residual_kl", "normal_log_prob", "Normal", "DiscMixLogistic", "Bernoulli",
     "Transform", "Dequantize", "Logit", "Sigmoid", "Tanh",
 ]
 
@@ -35,7 +35,7 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 
 # ---------------------------------------------------------------- helpers ----
-def _up(x: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Cast float16/bfloat16 (and integer) tensors to float32; keep float32/64."""
     if x.dtype in (torch.float32, torch.float64):
         return x
@@ -86,6 +86,31 @@ def _log1mexp(d: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------- Normal ----
+def residual_kl(delta_mu: torch.Tensor, delta_log_sigma: torch.Tensor,
+                prior_log_sigma: torch.Tensor) -> torch.Tensor:
+    """NVAE's Equation 2, elementwise: KL(N(mu_p + dmu, sigma_p dsigma) || N(mu_p, sigma_p)).
+
+        KL = 0.5 * (dmu / sigma_p)^2 + 0.5 * (dsigma^2 - 1) - log dsigma,  dsigma = exp(r)
+
+    Written in the deltas, it is exact in dmu even when mu_p is large (a
+    difference of two nearly equal means would lose it); expm1 keeps the
+    dsigma term accurate when r is tiny.  Computed in at least float32.
+    """
+    d, r = at_least_fp32(delta_mu), at_least_fp32(delta_log_sigma)
+    ls_p = at_least_fp32(prior_log_sigma)
+    with _full_precision(d):
+        u = d * torch.exp(-ls_p)
+        return 0.5 * u * u + 0.5 * torch.expm1(2.0 * r) - r
+
+
+def normal_log_prob(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """Elementwise log N(z; mu, exp(log_sigma)), in at least float32."""
+    z, mu, log_sigma = at_least_fp32(z), at_least_fp32(mu), at_least_fp32(log_sigma)
+    with _full_precision(z):
+        u = (z - mu) * torch.exp(-log_sigma)
+        return -0.5 * u * u - log_sigma - 0.5 * _LOG_2PI
+
+
 class Normal:
     """Diagonal Gaussian N(mu, sigma), parameterised by log sigma.
 
@@ -95,18 +120,16 @@ class Normal:
     |log sigma| <= 10 by < 3e-9) so ``.sigma`` never over/underflows.
 
     Parameters are stored in at least float32.  All methods are elementwise.
+    The model itself works on tensors (``residual_kl``, ``normal_log_prob``);
+    this class is for users and tests.
     """
 
     def __init__(self, mu: torch.Tensor, log_sigma: torch.Tensor,
                  bound: float = LOG_SIGMA_BOUND):
-        mu, log_sigma = _up(mu), _up(log_sigma)
+        mu, log_sigma = at_least_fp32(mu), at_least_fp32(log_sigma)
         with _full_precision(mu):
             self.log_sigma = soft_clamp(log_sigma, bound)
         self.mu = mu
-        # Set by ``residual``: the prior and the deltas, for the Eq. 2 KL.
-        self._prior: Normal | None = None
-        self._delta_mu: torch.Tensor | None = None
-        self._delta_log_sigma: torch.Tensor | None = None
 
     @classmethod
     def residual(cls, prior: "Normal", delta_mu: torch.Tensor,
@@ -114,20 +137,15 @@ class Normal:
                  bound: float = LOG_SIGMA_BOUND) -> "Normal":
         """NVAE's residual posterior q = N(mu_p + dmu, sigma_p * exp(dlog_sigma)).
 
-        The deltas are kept, so ``q.kl(prior)`` (that same prior object) uses
-        Equation 2, which is exact
-        in dmu even when mu_p is large (the generic form would subtract two
-        nearly equal means).  ``delta_log_sigma`` is soft-clamped like a log sigma.
+        ``delta_log_sigma`` is soft-clamped like a log sigma.  Its KL to the
+        prior is ``residual_kl(dmu, dlog_sigma, prior.log_sigma)`` (exact in the
+        deltas); ``q.kl(prior)`` gives the same value from the differences.
         """
-        delta_mu, delta_log_sigma = _up(delta_mu), _up(delta_log_sigma)
+        delta_mu, delta_log_sigma = at_least_fp32(delta_mu), at_least_fp32(delta_log_sigma)
         with _full_precision(delta_mu):
-            delta_log_sigma = soft_clamp(delta_log_sigma, bound)
             q = cls.__new__(cls)
             q.mu = prior.mu + delta_mu
-            q.log_sigma = prior.log_sigma + delta_log_sigma
-        q._prior = prior
-        q._delta_mu = delta_mu
-        q._delta_log_sigma = delta_log_sigma
+            q.log_sigma = prior.log_sigma + soft_clamp(delta_log_sigma, bound)
         return q
 
     @property
@@ -141,31 +159,18 @@ class Normal:
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Elementwise log N(z; mu, sigma)."""
-        z = _up(z)
-        with _full_precision(z):
-            u = (z - self.mu) * torch.exp(-self.log_sigma)
-            return -0.5 * u * u - self.log_sigma - 0.5 * _LOG_2PI
+        return normal_log_prob(z, self.mu, self.log_sigma)
 
     def entropy(self) -> torch.Tensor:
         """Elementwise differential entropy 0.5 * log(2 pi e) + log sigma."""
         return 0.5 + 0.5 * _LOG_2PI + self.log_sigma
 
     def kl(self, other: "Normal") -> torch.Tensor:
-        """Elementwise KL(self || other) in closed form.
-
-        With d = mu - mu_o and r = log sigma - log sigma_o:
-            KL = 0.5 * (d / sigma_o)^2 + 0.5 * (exp(2 r) - 1) - r
-        which is NVAE's Equation 2 with dmu = d and dsigma = exp(r); expm1
-        keeps it accurate when r is tiny.  If ``self`` was built by ``residual``
-        from ``other`` the stored deltas are used instead of differences.
-        """
+        """Elementwise KL(self || other) in closed form: Equation 2 with
+        dmu = mu - mu_o and log dsigma = log sigma - log sigma_o."""
         with _full_precision(self.mu):
-            if other is self._prior and self._delta_mu is not None:
-                d, r = self._delta_mu, self._delta_log_sigma
-            else:
-                d, r = self.mu - other.mu, self.log_sigma - other.log_sigma
-            u = d * torch.exp(-other.log_sigma)
-            return 0.5 * u * u + 0.5 * torch.expm1(2.0 * r) - r
+            return residual_kl(self.mu - other.mu, self.log_sigma - other.log_sigma,
+                               other.log_sigma)
 
 
 # -------------------------------------------------------- DiscMixLogistic ----
@@ -215,7 +220,7 @@ class DiscMixLogistic:
         self.num_mix = p // per_mix
         self.num_bits = num_bits
         self.num_values = 2 ** num_bits
-        self.params = _up(params)
+        self.params = at_least_fp32(params)
 
     @staticmethod
     def num_params(channels: int, num_mix: int) -> int:
@@ -261,7 +266,7 @@ class DiscMixLogistic:
     # -- likelihood -----------------------------------------------------------
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log P(x) per image, [B]; x [B, C, H, W] on the bin centres in [-1, 1]."""
-        x = _up(x).to(self.params.dtype)
+        x = at_least_fp32(x).to(self.params.dtype)
         with _full_precision(x):
             logits, means, log_scales, coeffs = self._split()
             k = self._index(x)                       # [B,C,H,W]
@@ -351,11 +356,11 @@ class Bernoulli:
     """
 
     def __init__(self, logits: torch.Tensor):
-        self.logits = _up(logits)
+        self.logits = at_least_fp32(logits)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log P(x) per item, [B], for x in {0, 1}."""
-        x = _up(x).to(self.logits.dtype)
+        x = at_least_fp32(x).to(self.logits.dtype)
         with _full_precision(x):
             nll = F.binary_cross_entropy_with_logits(self.logits, x, reduction="none")
             return -_sum_per_item(nll)
@@ -399,7 +404,7 @@ class Dequantize(Transform):
 
     def forward(self, x: torch.Tensor):
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-        x = _up(x.to(dtype))
+        x = at_least_fp32(x.to(dtype))
         u = torch.rand_like(x)
         y = (x + u) / self.num_bins
         # Rounding can reach 1.0 for the top bin; keep the documented [0, 1).
@@ -413,7 +418,7 @@ class Dequantize(Transform):
         """Floor back to integer values (int64), log-det +D * log(num_bins)."""
         x = torch.floor(y * self.num_bins).clamp(0, self.num_bins - 1).long()
         log_det = torch.full((y.shape[0],), _num_dims(y) * math.log(self.num_bins),
-                             dtype=_up(y).dtype, device=y.device)
+                             dtype=at_least_fp32(y).dtype, device=y.device)
         return x, log_det
 
 
@@ -430,7 +435,7 @@ class Logit(Transform):
         self.alpha = alpha
 
     def forward(self, x: torch.Tensor):
-        x = _up(x)
+        x = at_least_fp32(x)
         with _full_precision(x):
             s = 0.5 * self.alpha + (1.0 - self.alpha) * x
             log_s, log_1ms = torch.log(s), torch.log1p(-s)
@@ -439,7 +444,7 @@ class Logit(Transform):
             return y, log_det
 
     def inverse(self, y: torch.Tensor):
-        y = _up(y)
+        y = at_least_fp32(y)
         with _full_precision(y):
             s = torch.sigmoid(y)
             x = (s - 0.5 * self.alpha) / (1.0 - self.alpha)
@@ -455,12 +460,12 @@ class Sigmoid(Transform):
     """
 
     def forward(self, x: torch.Tensor):
-        x = _up(x)
+        x = at_least_fp32(x)
         with _full_precision(x):
             return torch.sigmoid(x), _sum_per_item(-x - 2.0 * F.softplus(-x))
 
     def inverse(self, y: torch.Tensor):
-        y = _up(y)
+        y = at_least_fp32(y)
         with _full_precision(y):
             log_y, log_1my = torch.log(y), torch.log1p(-y)
             return log_y - log_1my, -_sum_per_item(log_y + log_1my)
@@ -475,7 +480,7 @@ class Tanh(Transform):
     """
 
     def forward(self, x: torch.Tensor):
-        x = _up(x)
+        x = at_least_fp32(x)
         with _full_precision(x):
             ax = x.abs()
             log_det = _sum_per_item(2.0 * (math.log(2.0) - ax - F.softplus(-2.0 * ax)))
@@ -483,7 +488,7 @@ class Tanh(Transform):
 
     def inverse(self, y: torch.Tensor):
         """atanh, with y clamped just inside (-1, 1) so the result stays finite."""
-        y = _up(y)
+        y = at_least_fp32(y)
         with _full_precision(y):
             eps = torch.finfo(y.dtype).eps
             y = y.clamp(-1.0 + eps, 1.0 - eps)

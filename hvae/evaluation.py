@@ -5,7 +5,7 @@ Library functions only (the command line is ``evaluate.py``).  Every function
 takes the device from its arguments or the model and keeps the model in eval
 mode, so BatchNorm uses its running statistics.
 
-    nll = iw_log_likelihood(model, shard_loader(config, "test"), num_samples=1000, chunk=10)
+    nll = iw_log_likelihood(model, build_loader(config, "test"), num_samples=1000, chunk=10)
     images = generate(model, 64, t=0.7, seed=0)
 """
 from __future__ import annotations
@@ -24,10 +24,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from hvae import objectives
 from hvae.objectives import bits_per_dim  # noqa: F401  (re-exported: evaluation reports bits/dim)
+from hvae.runtime import autocast
 
 Temperature = float | Sequence[float]
 DEFAULT_IW_IMAGES = 256  # images per forward pass of the IW estimate when no chunk is given
@@ -79,20 +80,16 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def shard_loader(config, split: str = "test", *, rank: int = 0, world_size: int = 1,
-                 batch_size: int | None = None, max_images: int = 0) -> DataLoader:
-    """A loader over every ``world_size``-th example starting at ``rank``.
-
-    Why not DistributedSampler: it pads the shards with duplicates, so summed
-    metrics would count some test images twice.  Here each example is seen once.
-    """
-    from hvae.data import build_dataset
-
-    dataset = build_dataset(config, split)
-    n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
-    return DataLoader(Subset(dataset, range(rank, n, world_size)),
-                      batch_size=batch_size or config.batch_size, shuffle=False,
-                      drop_last=False, num_workers=config.num_workers)
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run the block with the model in eval mode (BatchNorm on its running
+    statistics), then restore the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def images_of(batch) -> torch.Tensor:
@@ -115,8 +112,7 @@ def log_weights(model: nn.Module, x: torch.Tensor, repeats: int = 1
         x = x.repeat_interleave(repeats, dim=0)
     log_px_z = out.likelihood.log_prob(x).double()
     log_w = log_px_z + sum(p.double() for p in out.log_p) - sum(q.double() for q in out.log_q)
-    nelbo = -log_px_z + sum(k.double() for k in out.kl)
-    return log_w, nelbo
+    return log_w, objectives.nelbo(-log_px_z, [k.double() for k in out.kl])
 
 
 @torch.no_grad()
@@ -152,21 +148,19 @@ def iw_log_likelihood(model: nn.Module, loader: Iterable, num_samples: int,
     """Test-set NLL by importance sampling, and the NELBO, in nats and bits/dim.
 
     With ``distributed`` every rank of the process group must call this with its
-    own disjoint shard (see ``shard_loader``); sums and counts are all-reduced,
+    own disjoint shard (``hvae.data.build_loader(..., distributed=True)``); sums and counts are all-reduced,
     so the result is exact over the whole set.  Leave it False when one process
     evaluates alone (e.g. rank 0 at the end of training).  The model is
     evaluated in eval mode and left in the mode it was in.
     """
     device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.eval()
     nll_sum = nelbo_sum = count = 0.0
     distributed = distributed and _distributed()
     show = progress and (not distributed or dist.get_rank() == 0)
     bar = tqdm(total=_loader_size(loader, max_batches), unit="img",
                desc=f"IW NLL (K={num_samples})", disable=not show, file=sys.stderr,
                dynamic_ncols=True)
-    try:
+    with eval_mode(model), bar:
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
@@ -177,9 +171,6 @@ def iw_log_likelihood(model: nn.Module, loader: Iterable, num_samples: int,
             count += x.shape[0]
             bar.update(x.shape[0])
             bar.set_postfix(nll=f"{nll_sum / count:.3f}")
-    finally:
-        bar.close()
-        model.train(was_training)
     if distributed:
         nll_sum, nelbo_sum, count = _all_reduce_sum([nll_sum, nelbo_sum, count], device)
     if count == 0:
@@ -200,20 +191,48 @@ def _loader_size(loader, max_batches: int = 0) -> int | None:
         return None
 
 
+# ------------------------------------------------------- validation ---------
+@torch.no_grad()
+def test_metrics(model: nn.Module, loader: Iterable, amp: str = "none",
+                 max_batches: int = 0) -> dict:
+    """Single-sample test NELBO (nats, bits/dim), its parts, per-group KL and active units."""
+    device = model_device(model)
+    sums = torch.zeros(3, dtype=torch.float64)          # recon, kl, nelbo
+    kl_channels: list[torch.Tensor] | None = None       # per group: [L] summed over the data
+    count = 0
+    with eval_mode(model):
+        for i, batch in enumerate(loader):
+            if max_batches and i >= max_batches:
+                break
+            x = images_of(batch).to(device)
+            with autocast(device, amp):
+                out = model(x)
+            recon = -out.likelihood.log_prob(x).double()
+            kl = [k.double() for k in out.kl]
+            nelbo = objectives.nelbo(recon, kl)
+            sums += torch.stack([recon.sum(), nelbo.sum() - recon.sum(), nelbo.sum()]).cpu()
+            count += x.shape[0]
+            batch_kl = [k.double().sum(0).cpu() for k in out.kl_per_channel]
+            kl_channels = batch_kl if kl_channels is None else [a + b for a, b in zip(kl_channels, batch_kl)]
+    if count == 0:
+        raise EvaluationError("the loader yielded no images")
+    recon, kl, nelbo = (sums / count).tolist()
+    units = objectives.active_units([(k / count)[None] for k in kl_channels])
+    return {"test_nelbo": nelbo, "test_recon": recon, "test_kl": kl,
+            "test_bpd": bits_per_dim(nelbo, model.data_dims),
+            "test_kl_groups": [float(k.sum()) / count for k in kl_channels],
+            "active_units": [int(u) for u in units], "active_units_total": int(sum(units))}
+
+
 # ------------------------------------------------------------- sampling -----
 @torch.no_grad()
 def generate(model: nn.Module, num: int, t: Temperature = 1.0, batch_size: int = 64,
              seed: int | None = None) -> torch.Tensor:
     """``num`` samples in [0, 1] on the CPU, drawn in batches at temperature ``t``."""
-    was_training = model.training
-    model.eval()
     images = []
-    try:
-        with seeded(seed, model_device(model)):
-            for start in range(0, num, batch_size):
-                images.append(model.sample(min(batch_size, num - start), t).float().cpu())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), seeded(seed, model_device(model)):
+        for start in range(0, num, batch_size):
+            images.append(model.sample(min(batch_size, num - start), t).float().cpu())
     return torch.cat(images) if images else torch.empty(0)
 
 
@@ -236,7 +255,6 @@ def readjust_bn(model: nn.Module, t: Temperature = 1.0, num_batches: int = 100,
     BN momenta and the train/eval mode are restored afterwards.
     """
     model = model if inplace else copy.deepcopy(model)
-    was_training = model.training
     layers = _batchnorms(model)
     saved = [(bn, bn.momentum) for bn in layers]
 
@@ -246,10 +264,9 @@ def readjust_bn(model: nn.Module, t: Temperature = 1.0, num_batches: int = 100,
         bn.train()
         hooks.pop(bn).remove()
 
-    model.eval()
     hooks = {bn: bn.register_forward_pre_hook(reset_on_first_use) for bn in layers}
     try:
-        with seeded(seed, model_device(model)):
+        with eval_mode(model), seeded(seed, model_device(model)):
             for _ in range(num_batches):
                 model.sample(batch_size, t)
     finally:
@@ -257,7 +274,6 @@ def readjust_bn(model: nn.Module, t: Temperature = 1.0, num_batches: int = 100,
             handle.remove()
         for bn, momentum in saved:
             bn.momentum = momentum
-        model.train(was_training)
     return model
 
 
@@ -298,14 +314,10 @@ def reconstruct(model: nn.Module, x: torch.Tensor) -> dict:
     Returns ``recons`` [B, C, H, W] in [0, 1], ``mse`` [B] (pixel space [0, 1])
     and ``recon_nats`` [B] = -log p(x|z).
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model(x)
-        recons = out.likelihood.mean().float()
-        nats = -out.likelihood.log_prob(x).double()
-    finally:
-        model.train(was_training)
+    recons = out.likelihood.mean().float()
+    nats = -out.likelihood.log_prob(x).double()
     mse = (recons - x.float()).pow(2).flatten(1).mean(1)
     return {"recons": recons, "mse": mse, "recon_nats": nats}
 
@@ -316,11 +328,9 @@ def encode_dataset(model: nn.Module, loader: Iterable, use_mean: bool = True,
                    max_images: int = 0, progress: bool = False) -> list[np.ndarray]:
     """Per-group latents of every image: one float32 array [N, L, h, w] per group."""
     device = model_device(model)
-    was_training = model.training
-    model.eval()
     groups: list[list[np.ndarray]] = []
     seen = 0
-    try:
+    with eval_mode(model):
         for batch in tqdm(loader, desc="encode", disable=not progress, file=sys.stderr):
             x = images_of(batch).to(device)
             if max_images:
@@ -332,8 +342,6 @@ def encode_dataset(model: nn.Module, loader: Iterable, use_mean: bool = True,
             seen += x.shape[0]
             if max_images and seen >= max_images:
                 break
-    finally:
-        model.train(was_training)
     return [np.concatenate(parts) for parts in groups]
 
 
@@ -363,16 +371,11 @@ def decode_latents(model: nn.Module, latents: Sequence[np.ndarray | torch.Tensor
     device = model_device(model)
     zs = [torch.as_tensor(np.asarray(z)) for z in latents]
     num = zs[0].shape[0]
-    was_training = model.training
-    model.eval()
     images = []
-    try:
-        with seeded(seed, device):
-            for s in range(0, num, batch_size):
-                part = [z[s:s + batch_size].to(device) for z in zs]
-                images.append(model.decode(part, t=t).float().cpu())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), seeded(seed, device):
+        for start in range(0, num, batch_size):
+            part = [z[start:start + batch_size].to(device) for z in zs]
+            images.append(model.decode(part, t=t).float().cpu())
     return torch.cat(images)
 
 
@@ -462,19 +465,13 @@ def sample_moments(model: nn.Module, extractor: FeatureExtractor, num: int,
                    progress: bool = False) -> Moments:
     """Feature moments of ``num`` model samples at temperature ``t`` (never stored whole)."""
     m = Moments()
-    was_training = model.training
-    model.eval()
     bar = tqdm(total=num, desc=f"FID samples (t={t})", unit="img", disable=not progress,
                file=sys.stderr)
-    try:
-        with seeded(seed, model_device(model)):
-            for start in range(0, num, batch_size):
-                x = model.sample(min(batch_size, num - start), t)
-                m.update(extractor(x.float()))
-                bar.update(x.shape[0])
-    finally:
-        bar.close()
-        model.train(was_training)
+    with eval_mode(model), seeded(seed, model_device(model)), bar:
+        for start in range(0, num, batch_size):
+            x = model.sample(min(batch_size, num - start), t)
+            m.update(extractor(x.float()))
+            bar.update(x.shape[0])
     return m
 
 

@@ -1,9 +1,10 @@
 """The training objective: NELBO, KL warm-up and balancing, free bits, regularisers.
 
-    loss  = mean_b[ recon_b + kl_coeff * sum_i c_i * KLfb_i,b ] + lambda * (spectral + bn)
+    loss  = mean_b[ recon_b + kl_weight * sum_i c_i * KLfb_i,b ] + lambda * (spectral + bn)
     nelbo = recon_b + sum_i KL_i,b              (per image, weight 1, never regularised)
 
-``kl_coeff`` is the warm-up schedule times ``config.kl_beta``; ``c_i`` are the
+``kl_weight`` is the warm-up schedule times ``config.kl_beta`` and lambda the
+regulariser weight, both from ``hvae.schedules``; ``c_i`` are the
 detached per-group balancing coefficients (all 1 once the warm-up is over);
 ``KLfb`` is the KL with free bits applied (see ``free_bits_kl``).  The NELBO is
 what gets reported (nats per image, or bits per dim via ``bits_per_dim``).
@@ -11,7 +12,8 @@ what gets reported (nats per image, or bits per dim via ``bits_per_dim``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -23,71 +25,24 @@ from torch.nn.modules.conv import _ConvNd
 BALANCE_EPS = 0.01  # added to each group's mean |KL| so unused groups keep a coefficient > 0
 
 
-# --------------------------------------------------------------- schedules
-def _warmup_steps(total_steps: int, config) -> tuple[float, float]:
-    return config.kl_const_portion * total_steps, config.kl_anneal_portion * total_steps
-
-
-def kl_warmup(step: int, total_steps: int, config) -> float:
-    """The warm-up part of the KL weight, in [kl_const_coeff, 1] (1 when there is no anneal)."""
-    const_steps, anneal_steps = _warmup_steps(total_steps, config)
-    if anneal_steps <= 0:
-        return 1.0
-    return max(min((step - const_steps) / anneal_steps, 1.0), config.kl_const_coeff)
-
-
-def kl_coeff(step: int, total_steps: int, config) -> float:
-    """KL weight of the loss: the warm-up ramp times ``config.kl_beta``."""
-    return kl_warmup(step, total_steps, config) * config.kl_beta
-
-
-def _warmup_progress(step: int, total_steps: int, config) -> float:
-    """Fraction of the KL anneal done, in [0, 1]; 1 when there is no anneal."""
-    const_steps, anneal_steps = _warmup_steps(total_steps, config)
-    if anneal_steps <= 0:
-        return 1.0
-    return min(max((step - const_steps) / anneal_steps, 0.0), 1.0)
-
-
-def reg_coeff(step: int, total_steps: int, config) -> float:
-    """lambda of the spectral + BN regulariser.
-
-    With ``weight_decay_norm_anneal`` lambda moves log-linearly (geometrically)
-    from ``weight_decay_norm_init`` to ``weight_decay_norm`` over the KL anneal
-    (the same window as the KL ramp, so the strong early regularisation fades
-    as the KL reaches full weight): exactly the init value up to the end of the
-    constant phase, exactly the final value from the end of the anneal.  If one
-    end is 0 the log is undefined and the interpolation is linear instead.
-    """
-    final = config.weight_decay_norm
-    if not config.weight_decay_norm_anneal:
-        return final
-    init, p = config.weight_decay_norm_init, _warmup_progress(step, total_steps, config)
-    if p >= 1.0:
-        return final
-    if init <= 0 or final <= 0:
-        return (1 - p) * init + p * final
-    return math.exp((1 - p) * math.log(init) + p * math.log(final))
-
-
 # ------------------------------------------------------------ KL balancing
-def group_prior_weights(config) -> Tensor:
+def group_prior_weights(group_scale: Sequence[int]) -> Tensor:
     """Per-group balancing weight 1 / alpha_i = n_s / 4**s, top (coarsest) group first.
 
-    Group i at scale s (0 = coarsest) has 4**s times as many spatial positions
-    as a coarsest-scale group, so its KL, summed over those positions, is
-    4**s times larger for the same information per position.  Balancing judges
-    each group by its KL *per position*: the coefficient is divided by that
-    size (alpha_i = 4**s / n_s, n_s = number of groups at scale s).  This is
-    NVAE's code (``kl_balancer_coeff(..., fun='square')`` used as a divisor);
-    the paper's "proportional to the size" is a typo its author corrected in
-    NVAE issue 26.  For equal KL per group a scale-s group's coefficient is
+    ``group_scale``: each group's scale index, 0 = coarsest (``model.group_scale``).
+    Group i at scale s has 4**s times as many spatial positions as a
+    coarsest-scale group, so its KL, summed over those positions, is 4**s
+    times larger for the same information per position.  Balancing judges each
+    group by its KL *per position*: the coefficient is divided by that size
+    (alpha_i = 4**s / n_s, n_s = number of groups at scale s).  This is NVAE's
+    code (``kl_balancer_coeff(..., fun='square')`` used as a divisor); the
+    paper's "proportional to the size" is a typo its author corrected in NVAE
+    issue 26.  For equal KL per group a scale-s group's coefficient is
     n_s / (4**s * n_0) times the top group's.  Normalised to mean 1 over
     groups (only ratios matter: the coefficients are renormalised anyway).
     """
-    groups = config.groups_per_scale()  # coarsest first
-    weights = [n / 4.0 ** s for s, n in enumerate(groups) for _ in range(n)]
-    w = torch.tensor(weights, dtype=torch.float32)
+    counts = Counter(group_scale)
+    w = torch.tensor([counts[s] / 4.0 ** s for s in group_scale], dtype=torch.float32)
     return w / w.mean()
 
 
@@ -105,19 +60,17 @@ def balance_coeffs(kl: Tensor, weights: Tensor) -> Tensor:
     return raw / raw.mean()
 
 
-def kl_balance(kl_groups, kl_coeff: float, weights: Tensor, *, enabled: bool = True
-               ) -> tuple[Tensor, Tensor]:
+def kl_balance(kl_groups, weights: Tensor | None) -> tuple[Tensor, Tensor]:
     """(balanced KL per example [B] = sum_i c_i KL_i, coefficients c [G] detached).
 
-    Balancing only acts during the warm-up (``kl_coeff`` < 1, pass the warm-up part,
-    not the beta-scaled weight): it lowers the weight of groups with small KL so
-    they are not switched off early.  Afterwards, or when not ``enabled``, c = 1.
+    Balancing acts only during the KL warm-up (the caller passes ``weights``
+    then, None otherwise; see ``Schedule.balancing``): it lowers the weight of
+    groups with small KL so they are not switched off early.  With None, c = 1.
     """
     kl = _stack_groups(kl_groups)
-    if enabled and kl_coeff < 1.0:
+    if weights is not None:
         if weights.numel() != kl.shape[1]:
-            raise ValueError(f"{weights.numel()} balancing weights for {kl.shape[1]} KL groups; "
-                             "does config.groups_per_scale() match the model?")
+            raise ValueError(f"{weights.numel()} balancing weights for {kl.shape[1]} KL groups")
         coeffs = balance_coeffs(kl, weights)
     else:
         coeffs = torch.ones(kl.shape[1], device=kl.device, dtype=kl.dtype)
@@ -139,17 +92,6 @@ def free_bits_kl(kl: Tensor, coeffs: Tensor, free_bits: float) -> Tensor:
 
 
 # ------------------------------------------------------------ regularisers
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _conv_matrix(module: nn.Module) -> Tensor:
     """The weight the conv applies, as [C_out, C_in*k*k] (``normalized_weight()`` when it has one)."""
     weight = module.normalized_weight() if hasattr(module, "normalized_weight") else module.weight
@@ -177,16 +119,15 @@ class SpectralRegularizer(nn.Module):
     ``first_call_factor`` times as many) and returns sum u^T W v, whose gradient
     w.r.t. W is u v^T, the gradient of the top singular value.
 
-    Pass the plain model (wrappers are unwrapped).  The model is held by
-    reference only, never as a submodule, so its parameters stay out of this
-    module's ``state_dict``.
+    Pass the plain model (not a DDP / compile wrapper).  Its convs are held
+    by reference only, never as submodules, so their parameters stay out of
+    this module's ``state_dict``.  Whether the first call is done is persisted
+    in the ``initialized`` buffer and read on the host once, not every call.
     """
 
     def __init__(self, model: nn.Module, num_power_iter: int = 4, first_call_factor: int = 10,
                  seed: int = 0):
         super().__init__()
-        model = unwrap_model(model)
-        self.__dict__["model"] = model  # a reference, not a registered submodule
         self.num_power_iter = int(num_power_iter)
         self.first_call_factor = int(first_call_factor)
         self._groups: list[tuple[str, list[str], list[nn.Module]]] = []
@@ -208,6 +149,12 @@ class SpectralRegularizer(nn.Module):
                 self.register_buffer(f"{prefix}_{key}", vec.to(ref.device, ref.dtype))
             self._groups.append((key, names, mods))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._initialized_on_host: bool | None = None  # cache of the buffer: no sync per call
+        self.register_load_state_dict_post_hook(SpectralRegularizer._forget_host_flag)
+
+    @staticmethod
+    def _forget_host_flag(module, _incompatible) -> None:
+        module._initialized_on_host = None
 
     @property
     def num_weights(self) -> int:
@@ -236,7 +183,9 @@ class SpectralRegularizer(nn.Module):
 
     def singular_values(self) -> dict[str, Tensor]:
         """Module name -> differentiable estimate of its top singular value (runs the iteration)."""
-        iters = self.num_power_iter * (1 if bool(self.initialized) else self.first_call_factor)
+        if self._initialized_on_host is None:  # once after construction or loading
+            self._initialized_on_host = bool(self.initialized)
+        iters = self.num_power_iter * (1 if self._initialized_on_host else self.first_call_factor)
         out: dict[str, Tensor] = {}
         for key, names, mods in self._groups:
             w = torch.stack([_conv_matrix(m) for m in mods])
@@ -245,6 +194,7 @@ class SpectralRegularizer(nn.Module):
                 sigma = torch.bmm(u.unsqueeze(1), torch.bmm(w, v.unsqueeze(2))).flatten()
             out.update(zip(names, sigma.float().unbind(0)))
         self.initialized.fill_(True)
+        self._initialized_on_host = True
         return out
 
     def forward(self) -> Tensor:
@@ -254,7 +204,7 @@ class SpectralRegularizer(nn.Module):
 
 def bn_regularizer(model: nn.Module) -> Tensor:
     """Sum over BatchNorm layers (SyncBatchNorm included) of max |gamma|: keeps BN scales small."""
-    terms = [m.weight.abs().max().float() for m in unwrap_model(model).modules()
+    terms = [m.weight.abs().max().float() for m in model.modules()
              if isinstance(m, _BatchNorm) and m.weight is not None and m.weight.numel()]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
@@ -265,69 +215,45 @@ def bits_per_dim(nats, data_dims: int):
     return nats / (data_dims * math.log(2.0))
 
 
+def nelbo(recon: Tensor, kl_groups) -> Tensor:
+    """The negative ELBO per image [B]: -log p(x|z) + sum_i KL_i (weight 1, in nats).
+
+    The one definition used by training, validation and the IW evaluation."""
+    kl = kl_groups if isinstance(kl_groups, Tensor) else torch.stack(list(kl_groups), dim=1)
+    return recon + kl.to(recon.dtype).sum(dim=1)
+
+
 @dataclass
 class Loss:
     """``loss`` is the only field attached to the graph; everything else is detached."""
     loss: Tensor                # scalar to back-propagate
     nelbo: Tensor               # [B] nats per image, KL weight 1, no free bits, no regulariser
     recon: Tensor               # [B] -log p(x|z)
-    kl: Tensor                  # [B] sum of the groups' KL (weight 1)
     kl_groups: Tensor           # [G] batch-mean KL per group
     kl_coeffs: Tensor           # [G] balancing coefficients (all 1 when inactive)
-    kl_coeff: float             # warm-up * beta
     kl_term: Tensor             # scalar: batch mean of the weighted KL actually in the loss
-    reg: Tensor                 # scalar: lambda * (reg_spectral + reg_bn)
-    reg_spectral: Tensor
-    reg_bn: Tensor
-    reg_lambda: float
-    data_dims: int
-    bpd: Tensor = field(init=False)  # [B] nelbo in bits per dim
-
-    def __post_init__(self):
-        self.bpd = bits_per_dim(self.nelbo, self.data_dims)
-
-    def scalars(self) -> dict[str, float]:
-        """Plain floats for logging."""
-        return {"loss": float(self.loss.detach()), "nelbo": float(self.nelbo.mean()),
-                "bpd": float(self.bpd.mean()), "recon": float(self.recon.mean()),
-                "kl": float(self.kl.mean()), "kl_term": float(self.kl_term),
-                "kl_coeff": self.kl_coeff, "reg": float(self.reg),
-                "reg_spectral": float(self.reg_spectral), "reg_bn": float(self.reg_bn),
-                "reg_lambda": self.reg_lambda}
+    reg: Tensor                 # scalar: the regulariser term added to the loss
 
 
-def compute_loss(output, x: Tensor, *, step: int, total_steps: int, config, data_dims: int,
-                 spectral: SpectralRegularizer | None = None, model: nn.Module | None = None
-                 ) -> Loss:
-    """The regularised training loss and the unregularised NELBO of one batch.
+def compute_loss(recon: Tensor, kl_groups, *, kl_weight: float,
+                 balance_weights: Tensor | None = None, free_bits: float = 0.0,
+                 reg: Tensor | None = None) -> Loss:
+    """The training loss of one batch and its unregularised NELBO.
 
-    ``model`` is only needed for the BN term; it defaults to the model the
-    ``spectral`` regulariser was built on.  The regulariser is skipped (0) when
-    lambda == 0 or ``spectral`` is None (e.g. evaluation).
+    ``recon``: -log p(x|z) [B]; ``kl_groups``: [B, G] or a list of [B];
+    ``kl_weight``: warm-up times beta; ``balance_weights``: the balancing
+    weights while balancing is on, else None; ``free_bits``: nats per group;
+    ``reg``: lambda * (spectral + BN) terms, already weighted.  No host sync.
     """
-    recon = -output.likelihood.log_prob(x).float()
-    kl = _stack_groups(output.kl)
-    warm = kl_warmup(step, total_steps, config)
-    coeff = warm * config.kl_beta
-    weights = group_prior_weights(config) if config.kl_balance and warm < 1.0 else torch.ones(0)
-    _, coeffs = kl_balance(kl, warm, weights, enabled=config.kl_balance)
-    kl_term = free_bits_kl(kl, coeffs, config.kl_free_bits)
-    objective = (recon + coeff * kl_term).mean()
-
-    lam = reg_coeff(step, total_steps, config)
-    zero = objective.new_zeros(())
-    reg_spec = reg_bn = zero
-    if lam != 0 and spectral is not None:
-        reg_spec = spectral().to(objective.device)
-        reg_bn = bn_regularizer(model if model is not None else spectral.model).to(objective.device)
-    reg = lam * (reg_spec + reg_bn)
-
-    return Loss(loss=objective + reg, nelbo=(recon + kl.sum(dim=1)).detach(),
-                recon=recon.detach(), kl=kl.sum(dim=1).detach(),
-                kl_groups=kl.detach().mean(dim=0), kl_coeffs=coeffs.detach(), kl_coeff=coeff,
-                kl_term=(coeff * kl_term).mean().detach(), reg=reg.detach(),
-                reg_spectral=reg_spec.detach(), reg_bn=reg_bn.detach(), reg_lambda=lam,
-                data_dims=data_dims)
+    recon = recon.float()
+    kl = _stack_groups(kl_groups)
+    _, coeffs = kl_balance(kl, balance_weights)
+    kl_term = kl_weight * free_bits_kl(kl, coeffs, free_bits)
+    objective = (recon + kl_term).mean()
+    reg = objective.new_zeros(()) if reg is None else reg.to(objective.device)
+    return Loss(loss=objective + reg, nelbo=nelbo(recon, kl).detach(), recon=recon.detach(),
+                kl_groups=kl.detach().mean(dim=0), kl_coeffs=coeffs.detach(),
+                kl_term=kl_term.mean().detach(), reg=reg.detach())
 
 
 # ----------------------------------------------------------- active units

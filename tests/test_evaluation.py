@@ -27,6 +27,7 @@ import evaluate as cli  # noqa: E402
 from hvae import evaluation as ev  # noqa: E402
 from hvae.checkpoint import save_checkpoint  # noqa: E402
 from hvae.config import preset  # noqa: E402
+from hvae.data import build_loader  # noqa: E402
 from hvae.distributions import Normal  # noqa: E402
 
 torch.set_num_threads(2)
@@ -155,11 +156,13 @@ def test_k1_log_weight_is_minus_single_sample_bound_with_same_noise(trained):
     with torch.no_grad(), ev.seeded(5):
         out = model(x)
     # Independently from the model's own distribution objects and samples (no flows here).
-    log_pz = sum(p.log_prob(z).flatten(1).sum(1).double() for p, z in zip(out.priors, out.z))
-    log_qz = sum(q.log_prob(z).flatten(1).sum(1).double() for q, z in zip(out.posteriors, out.z))
+    priors = [Normal(m, s) for m, s in zip(out.p_mu, out.p_log_sigma)]
+    posteriors = [Normal(m, s) for m, s in zip(out.q_mu, out.q_log_sigma)]
+    log_pz = sum(p.log_prob(z).flatten(1).sum(1).double() for p, z in zip(priors, out.z))
+    log_qz = sum(q.log_prob(z).flatten(1).sum(1).double() for q, z in zip(posteriors, out.z))
     manual = out.likelihood.log_prob(x).double() + log_pz - log_qz
     nelbo = -out.likelihood.log_prob(x).double() + sum(
-        q.kl(p).flatten(1).sum(1).double() for q, p in zip(out.posteriors, out.priors))
+        q.kl(p).flatten(1).sum(1).double() for q, p in zip(posteriors, priors))
     with ev.seeded(5):
         log_px, iw_nelbo = ev.iw_log_px(model, x, num_samples=1)
     assert torch.allclose(log_px, manual, atol=1e-4)
@@ -240,9 +243,10 @@ def test_shards_cover_every_test_example_exactly_once():
     config = tiny_config()
     seen = []
     for rank in range(3):
-        loader = ev.shard_loader(config, "test", rank=rank, world_size=3, batch_size=7,
-                                 max_images=50)
-        seen += list(loader.dataset.indices)
+        loader = build_loader(config, "test", distributed=True, rank=rank, world_size=3,
+                              batch_size=7, max_images=50)
+        seen += list(loader.sampler)
+        assert sum(len(x) for x in loader) == len(loader.sampler)  # nothing padded or dropped
     assert sorted(seen) == list(range(50))
 
 
@@ -265,8 +269,7 @@ def _distributed_worker(rank, world, store_file, result_file):
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
                            world_size=world)
     config = tiny_config()
-    loader = ev.shard_loader(config, "test", rank=rank, world_size=world, batch_size=16,
-                             max_images=101)
+    loader = build_loader(config, "test", distributed=True, batch_size=16, max_images=101)
     res = ev.iw_log_likelihood(_Deterministic(), loader, 3, progress=False, distributed=True)
     if rank == 0:
         Path(result_file).write_text(json.dumps(res))
@@ -278,7 +281,7 @@ def test_distributed_nll_is_exact_over_ranks(tmp_path):
     torch.multiprocessing.spawn(_distributed_worker, args=(2, str(tmp_path / "store"),
                                 str(tmp_path / "res.json")), nprocs=2)
     res = json.loads((tmp_path / "res.json").read_text())
-    loader = ev.shard_loader(config, "test", batch_size=101, max_images=101)
+    loader = build_loader(config, "test", batch_size=101, max_images=101)
     expected = next(iter(loader)).flatten(1).sum(1).double().mean().item()
     assert res["num_images"] == 101
     assert res["nll_nats"] == pytest.approx(expected, rel=1e-12)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from hvae.distributions import Normal
 from hvae.config import PRESETS, preset
 from hvae.model import NVAE, NVAEOutput
 from hvae.model.cells import Conv2d, bn_act_conv, batch_norm
@@ -147,6 +148,12 @@ def test_fused_bn_act_conv_matches_plain_path():
 
 
 # ---------------------------------------------------------------- the KL --
+def _normals(out):
+    """(posterior, prior) Normals per group, built from the output's tensors."""
+    return [(Normal(qm, qs), Normal(pm, ps)) for qm, qs, pm, ps in
+            zip(out.q_mu, out.q_log_sigma, out.p_mu, out.p_log_sigma)]
+
+
 def _closed_form_kl(q, p):
     mq, sq, mp, sp = q.mu.double(), q.sigma.double(), p.mu.double(), p.sigma.double()
     return (torch.log(sp / sq) + (sq ** 2 + (mq - mp) ** 2) / (2 * sp ** 2) - 0.5).sum(dim=(2, 3))
@@ -155,19 +162,19 @@ def _closed_form_kl(q, p):
 def test_kl_matches_closed_form():
     model = make(num_groups_per_scale=3)
     out = model(data(model))
-    for q, p, kl, kl_c in zip(out.posteriors, out.priors, out.kl, out.kl_per_channel):
+    for (q, p), kl, kl_c in zip(_normals(out), out.kl, out.kl_per_channel):
         expected = _closed_form_kl(q, p)
         torch.testing.assert_close(kl_c.double(), expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(kl.double(), expected.sum(1), rtol=1e-4, atol=1e-3)
     # the top prior is N(0, 1); the others come from the decoder
-    assert torch.all(out.priors[0].mu == 0) and torch.all(out.priors[0].sigma == 1)
-    assert not torch.all(out.priors[1].mu == 0)
+    assert torch.all(out.p_mu[0] == 0) and torch.all(out.p_log_sigma[0] == 0)
+    assert not torch.all(out.p_mu[1] == 0)
 
 
 def test_monte_carlo_kl_is_log_q_minus_log_p():
-    for overrides in (dict(kl_mc=True), dict(num_nf=1)):
+    for overrides, analytic in ((dict(), False), (dict(num_nf=1), True)):
         model = make(**overrides)
-        out = model(data(model))
+        out = model(data(model), analytic_kl=analytic)  # flows: always Monte Carlo
         for kl, lq, lp in zip(out.kl, out.log_q, out.log_p):
             torch.testing.assert_close(kl, lq - lp, rtol=1e-4, atol=1e-3)
             assert kl.requires_grad
@@ -176,7 +183,7 @@ def test_monte_carlo_kl_is_log_q_minus_log_p():
 def test_log_q_and_log_p_values():
     model = make()
     out = model(data(model))
-    for q, p, z, lq, lp in zip(out.posteriors, out.priors, out.z, out.log_q, out.log_p):
+    for (q, p), z, lq, lp in zip(_normals(out), out.z, out.log_q, out.log_p):
         torch.testing.assert_close(lq, q.log_prob(z).sum(dim=(1, 2, 3)), rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(lp, p.log_prob(z).sum(dim=(1, 2, 3)), rtol=1e-4, atol=1e-3)
 
@@ -184,7 +191,7 @@ def test_log_q_and_log_p_values():
 def _posterior_params(model, x):
     with torch.no_grad():
         out = model(x, use_mean=True)
-    return [(q.mu.clone(), q.sigma.clone()) for q in out.posteriors]
+    return [(mu.clone(), log_sigma.clone()) for mu, log_sigma in zip(out.q_mu, out.q_log_sigma)]
 
 
 @pytest.mark.parametrize("res_dist", [False, True])
@@ -249,7 +256,7 @@ def test_flow_log_det_depends_on_context_and_starts_near_identity():
 def test_flow_log_det_enters_log_q():
     model = make(num_nf=1)
     out = model(data(model), use_mean=True)
-    for q, z, lq in zip(out.posteriors, out.z, out.log_q):
+    for (q, _), z, lq in zip(_normals(out), out.z, out.log_q):
         base = q.log_prob(q.mu).sum(dim=(1, 2, 3))  # log q0 at the mean, before the flows
         assert not torch.allclose(z, q.mu)
         assert not torch.allclose(lq, base)

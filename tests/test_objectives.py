@@ -8,11 +8,25 @@ from torch import nn
 
 from hvae.config import Config
 from hvae.objectives import (SpectralRegularizer, active_units, bits_per_dim, bn_regularizer,
-                             compute_loss, group_prior_weights, kl_balance, kl_coeff, reg_coeff)
+                             compute_loss, group_prior_weights, kl_balance, nelbo)
+from hvae.schedules import Schedule
 
 
 def cfg(**kw):
     return Config().replace(**kw)
+
+
+def group_scale(c):
+    """Each latent group's scale index, coarsest first (what model.group_scale holds)."""
+    return [s for s, n in enumerate(c.groups_per_scale()) for _ in range(n)]
+
+
+def kl_coeff(step, total, c):
+    return Schedule(c, total).kl_weight(step)
+
+
+def reg_coeff(step, total, c):
+    return Schedule(c, total).reg_lambda(step)
 
 
 class WNConv(nn.Conv2d):
@@ -80,7 +94,7 @@ def test_reg_coeff_constant_and_anneal():
 def test_group_prior_weights_scale_sizes():
     c = cfg(num_latent_scales=3, num_groups_per_scale=4, ada_groups=True)
     assert c.groups_per_scale() == [1, 2, 4]
-    w = group_prior_weights(c)
+    w = group_prior_weights(group_scale(c))
     # 1 / alpha_i = n_s / 4**s (NVAE's code): top 1/1, middle 2/4, finest 4/16
     raw = torch.tensor([1.0, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25])
     torch.testing.assert_close(w, raw / raw.mean())
@@ -97,7 +111,7 @@ def test_kl_balance_direction_matches_nvae():
     """
     c = cfg(num_latent_scales=3, num_groups_per_scale=4, ada_groups=True)
     kl = torch.full((5, 7), 3.0)
-    _, coeffs = kl_balance(kl, 0.5, group_prior_weights(c))
+    _, coeffs = kl_balance(kl, group_prior_weights(group_scale(c)))
     expected = torch.tensor([7 / 3, 7 / 6, 7 / 6, 7 / 12, 7 / 12, 7 / 12, 7 / 12])
     torch.testing.assert_close(coeffs, expected)
     assert coeffs[1] / coeffs[0] == pytest.approx(2 / (4 * 1))     # scale 1
@@ -105,12 +119,12 @@ def test_kl_balance_direction_matches_nvae():
     # the demo preset (groups [2, 5]): finest / top = 5 / (4 * 2) = 0.625
     demo = cfg()
     assert demo.groups_per_scale() == [2, 5]
-    w = group_prior_weights(demo)
+    w = group_prior_weights(group_scale(demo))
     assert (w[-1] / w[0]).item() == pytest.approx(0.625)
     # a group's larger KL raises its coefficient in proportion (mean |KL| + 0.01)
     kl2 = kl.clone()
     kl2[:, 3] = 9.0
-    _, c2 = kl_balance(kl2, 0.5, group_prior_weights(c))
+    _, c2 = kl_balance(kl2, group_prior_weights(group_scale(c)))
     assert (c2[3] / c2[4]).item() == pytest.approx(9.01 / 3.01)
 
 
@@ -118,7 +132,7 @@ def test_kl_balance_coefficients():
     torch.manual_seed(0)
     kl = [torch.randn(8, requires_grad=True) * s for s in (0.1, 2.0, 5.0)]  # one negative-ish
     weights = torch.tensor([0.5, 1.0, 1.5])
-    balanced, coeffs = kl_balance(kl, 0.3, weights)
+    balanced, coeffs = kl_balance(kl, weights)
     assert not coeffs.requires_grad
     assert coeffs.mean().item() == pytest.approx(1.0)
     expect = torch.stack([(k.detach().abs().mean() + 0.01) for k in kl]) * weights
@@ -129,11 +143,13 @@ def test_kl_balance_coefficients():
 
 def test_kl_balance_off_after_warmup_or_disabled():
     kl = [torch.rand(4) * s for s in (1.0, 10.0)]
-    w = torch.tensor([1.0, 4.0])
-    for coeff, enabled in ((1.0, True), (0.2, False)):
-        balanced, coeffs = kl_balance(kl, coeff, w, enabled=enabled)
-        torch.testing.assert_close(coeffs, torch.ones(2))
-        torch.testing.assert_close(balanced, kl[0] + kl[1])
+    balanced, coeffs = kl_balance(kl, None)
+    torch.testing.assert_close(coeffs, torch.ones(2))
+    torch.testing.assert_close(balanced, kl[0] + kl[1])
+    ramp = cfg(kl_const_portion=0.0, kl_anneal_portion=0.5)
+    assert Schedule(ramp, 100).balancing(10) and not Schedule(ramp, 100).balancing(60)
+    assert not Schedule(ramp.replace(kl_balance=False), 100).balancing(10)
+    assert not Schedule(ramp.replace(kl_anneal_portion=0.0, kl_beta=0.5), 100).balancing(0)
 
 
 # ----------------------------------------------------- spectral regulariser
@@ -194,10 +210,9 @@ def test_spectral_batches_equal_shapes(monkeypatch):
     assert len(calls) == groups * (2 * 3 + 2)  # (W^T u, W v) per iteration, u^T W v once
 
 
-def test_spectral_follows_weight_dtype_and_unwraps():
+def test_spectral_follows_weight_dtype():
     net = conv_net().double()
-    reg = SpectralRegularizer(nn.DataParallel(net), num_power_iter=2)
-    assert reg.model is net
+    reg = SpectralRegularizer(net, num_power_iter=2)
     assert reg.u_8x72.dtype == torch.float64
     assert reg().dtype == torch.float32
     net.float()  # model converted after the regulariser was built: vectors follow
@@ -239,37 +254,43 @@ def loss_cfg(**kw):
     return cfg(**{**base, **kw})
 
 
+def loss_at(out, step, c, total=1000, reg=None):
+    """compute_loss with the schedule's weights at ``step``, as the training step calls it."""
+    sched = Schedule(c, total)
+    weights = group_prior_weights(group_scale(c)) if sched.balancing(step) else None
+    return compute_loss(-out.likelihood.log_px, out.kl, kl_weight=sched.kl_weight(step),
+                        balance_weights=weights, free_bits=c.kl_free_bits, reg=reg)
+
+
 def test_compute_loss_nelbo_and_weighting():
-    out, x = fake_output(), torch.zeros(4, 1, 28, 28)
-    c = loss_cfg()
-    res = compute_loss(out, x, step=100, total_steps=1000, config=c, data_dims=784)
+    out = fake_output()
+    res = loss_at(out, 100, loss_cfg())
     recon = -out.likelihood.log_px.float()
     kl = torch.stack(out.kl, 1)
     torch.testing.assert_close(res.nelbo, recon + kl.sum(1))
+    torch.testing.assert_close(nelbo(recon, out.kl), recon + kl.sum(1))
     assert res.nelbo.dtype == res.loss.dtype == torch.float32
-    assert res.kl_coeff == pytest.approx(0.2)
     w = torch.tensor([1.0, 0.5, 0.5])  # n_s / 4**s for groups [1, 2]
     coeffs = (kl.abs().mean(0) + 0.01) * w
     coeffs = coeffs / coeffs.mean()
     torch.testing.assert_close(res.kl_coeffs, coeffs)
     torch.testing.assert_close(res.kl_groups, kl.mean(0))
-    expected = (recon + 0.2 * (kl * coeffs).sum(1)).mean()
+    expected = (recon + 0.2 * (kl * coeffs).sum(1)).mean()  # kl weight 0.2 at step 100
     assert res.loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert res.reg.item() == 0.0  # no spectral regulariser given
-    torch.testing.assert_close(res.bpd, res.nelbo / (784 * math.log(2)))
+    assert res.kl_term.item() == pytest.approx((0.2 * (kl * coeffs).sum(1)).mean().item(), rel=1e-6)
+    assert res.reg.item() == 0.0  # no regulariser given
 
 
 def test_compute_loss_after_warmup_is_nelbo_mean():
     out = fake_output()
-    res = compute_loss(out, None, step=900, total_steps=1000, config=loss_cfg(), data_dims=784)
+    res = loss_at(out, 900, loss_cfg())
     torch.testing.assert_close(res.kl_coeffs, torch.ones(3))
     assert res.loss.item() == pytest.approx(res.nelbo.mean().item(), rel=1e-6)
     # constant beta: 0.5 throughout, and no balancing since the warm-up part is 1
-    beta = compute_loss(out, None, step=0, total_steps=1000, data_dims=784,
-                        config=loss_cfg(kl_anneal_portion=0.0, kl_beta=0.5))
+    beta = loss_at(out, 0, loss_cfg(kl_anneal_portion=0.0, kl_beta=0.5))
     torch.testing.assert_close(beta.kl_coeffs, torch.ones(3))
-    expected = (beta.recon + 0.5 * beta.kl).mean()
-    assert beta.kl_coeff == 0.5 and beta.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    expected = (beta.recon + 0.5 * beta.kl_groups.sum()).mean()
+    assert beta.loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_compute_loss_includes_regulariser():
@@ -277,19 +298,15 @@ def test_compute_loss_includes_regulariser():
     spectral = SpectralRegularizer(net, num_power_iter=1)
     out = fake_output()
     c = loss_cfg(kl_balance=False)
-    res = compute_loss(out, None, step=100, total_steps=1000, config=c, data_dims=784,
-                       spectral=spectral)
-    assert res.reg_bn.item() == pytest.approx(bn_regularizer(net).item())
-    assert res.reg_spectral.item() > 0
-    assert res.reg.item() == pytest.approx(0.1 * (res.reg_spectral + res.reg_bn).item())
+    terms = spectral() + bn_regularizer(net)
+    assert spectral.initialized and terms.item() > bn_regularizer(net).item() > 0
+    res = loss_at(out, 100, c, reg=0.1 * terms)
+    assert res.reg.item() == pytest.approx(0.1 * terms.item())
     kl = torch.stack(out.kl, 1)
     recon = -out.likelihood.log_px.float()
-    expected = (recon + 0.2 * kl.sum(1)).mean() + res.reg
+    expected = (recon + 0.2 * kl.sum(1)).mean() + 0.1 * terms
     assert res.loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    # lambda = 0 skips the regulariser
-    res0 = compute_loss(out, None, step=100, total_steps=1000, config=c.replace(weight_decay_norm=0.0),
-                        data_dims=784, spectral=spectral)
-    assert res0.reg.item() == 0.0
+    assert res.loss.requires_grad  # the regulariser's gradient reaches the weights
 
 
 def test_free_bits_only_in_loss():
@@ -299,16 +316,15 @@ def test_free_bits_only_in_loss():
     fb = float((means[0] + means[1]) / 2)  # above group 0's mean, below the others
     assert means[0] < fb < means[1] < means[2]
     c = loss_cfg(kl_free_bits=fb)
-    plain = compute_loss(out, None, step=900, total_steps=1000, config=loss_cfg(), data_dims=784)
-    freed = compute_loss(out, None, step=900, total_steps=1000, config=c, data_dims=784)
+    plain = loss_at(out, 900, loss_cfg())
+    freed = loss_at(out, 900, c)
     torch.testing.assert_close(freed.nelbo, plain.nelbo)
     recon = -out.likelihood.log_px.float()
     expected = recon.mean() + torch.clamp(means, min=fb).sum()
     assert freed.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     # the group below the threshold gets no gradient, the others do
     kl_req = [k.clone().requires_grad_() for k in out.kl]
-    res = compute_loss(SimpleNamespace(likelihood=out.likelihood, kl=kl_req), None, step=900,
-                       total_steps=1000, config=c, data_dims=784)
+    res = loss_at(SimpleNamespace(likelihood=out.likelihood, kl=kl_req), 900, c)
     grads = torch.autograd.grad(res.loss, kl_req, allow_unused=True)
     assert grads[0] is None or torch.all(grads[0] == 0)
     torch.testing.assert_close(grads[1], torch.full((4,), 0.25))

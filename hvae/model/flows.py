@@ -18,13 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hvae.distributions import at_least_fp32
 from hvae.model.cells import Conv2d, elu
 
 LOG_SCALE_BOUND = 3.0
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class MaskedConv2d(Conv2d):
@@ -72,9 +69,9 @@ class IAFCell(nn.Module):
         (its sum over channels is the cell's log-det)."""
         h = elu(self.inp(z) + self.context(context))
         h = elu(self.mid(h))
-        shift, log_scale = _at_least_fp32(self.out(h)).chunk(2, dim=1)
+        shift, log_scale = at_least_fp32(self.out(h)).chunk(2, dim=1)
         log_scale = LOG_SCALE_BOUND * torch.tanh(log_scale / LOG_SCALE_BOUND)
-        z = _at_least_fp32(z) * torch.exp(log_scale) + shift
+        z = at_least_fp32(z) * torch.exp(log_scale) + shift
         return z, log_scale.sum(dim=(2, 3))
 
 

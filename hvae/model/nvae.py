@@ -5,29 +5,32 @@ with a residual-Normal posterior per latent group, optional IAF cells.
     scale first; the feature after each group's cells is kept) -> ELU-Conv-ELU
     for the top group.
 
-    learned h0 -> for each group i (top first):
+    learned h0 -> for each group i (top first), ``LatentGroup``:
+        [first group of a finer scale] up-sampling cell
         [i > 0] decoder cells; prior p_i = ELU-Conv1x1(state)
         posterior q_i = N(mu_p + dmu, sigma_p * dsigma) from
                         Conv3x3(encoder feature + Conv1x1(decoder state))
         z ~ q_i -> IAF cells (conditioned on that feature) -> state = Conv1x1([state, z])
-        (an up-sampling cell between scales)
     -> post-processing blocks -> ELU-Conv3x3 -> Bernoulli logits or DML params.
 
-Latent groups are indexed top (coarsest) first everywhere.  Sampling runs the
-decoder alone.  Distributions are built in float32 even under autocast.
+Latent groups are indexed top (coarsest) first everywhere.  One top-down loop
+(``NVAE.top_down``) serves training, encoding, decoding and sampling; sampling
+runs the decoder alone.  The model returns tensors only (``NVAEOutput``), so it
+compiles as one graph; latent terms are float32 even under autocast, and the
+output distribution is built on access, outside the model.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hvae.config import Config
-from hvae.distributions import Bernoulli, DiscMixLogistic, Normal
+from hvae.distributions import Bernoulli, DiscMixLogistic, normal_log_prob, residual_kl
 from hvae.model.cells import ELU, Conv2d, DecCell, DecCombiner, EncCell, EncCombiner
 from hvae.model.flows import IAFFlow
 
@@ -37,13 +40,14 @@ OUTPUTS = ("auto", "sample", "mean")
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def _soft_clamp5(x: torch.Tensor) -> torch.Tensor:
+def soft_clamp5(x: torch.Tensor) -> torch.Tensor:
     """Keep raw mu / log sigma outputs in (-5, 5) (NVAE's stabiliser); ~identity for |x| < 2."""
     return 5.0 * torch.tanh(x / 5.0)
 
 
-def _normal_params(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mu, log_sigma = _soft_clamp5(raw.float()).chunk(2, dim=1)
+def normal_params(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv's 2L output channels -> (mu, log sigma), soft-clamped, in float32."""
+    mu, log_sigma = soft_clamp5(raw.float()).chunk(2, dim=1)
     return mu, log_sigma
 
 
@@ -55,9 +59,10 @@ class Likelihood:
     unchanged for Bernoulli), so callers pass the same x given to the model.
     """
 
-    def __init__(self, dist, binary: bool):
-        self.dist = dist
-        self.binary = binary
+    def __init__(self, params: torch.Tensor, spec: "OutputSpec"):
+        self.binary = spec.binary
+        self.dist = (Bernoulli(params) if spec.binary
+                     else DiscMixLogistic(params, spec.num_bits, channels=spec.channels))
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x) per image, [B], in nats."""
@@ -73,33 +78,69 @@ class Likelihood:
         return self._to_unit(self.dist.mean())
 
 
+@dataclass(frozen=True)
+class OutputSpec:
+    """What the output parameters mean: Bernoulli logits, or a logistic mixture."""
+    binary: bool
+    num_bits: int
+    channels: int
+
+
+class GroupStats(NamedTuple):
+    """One latent group's tensors from a posterior pass (per-channel terms summed over positions)."""
+    z: torch.Tensor               # the sample after any flows, [B, L, h, w]
+    kl: torch.Tensor              # [B, L]: analytic KL, or log q - log p (flows / Monte Carlo)
+    log_q: torch.Tensor           # [B, L]: log q(z|x), flow log-dets included
+    log_p: torch.Tensor           # [B, L]: log p(z)
+    q_mu: torch.Tensor            # posterior before the flows, [B, L, h, w]
+    q_log_sigma: torch.Tensor
+    p_mu: torch.Tensor            # prior
+    p_log_sigma: torch.Tensor
+
+
 @dataclass
 class NVAEOutput:
-    """Everything the objectives and evaluation need from one forward pass.
+    """Tensors from one forward pass; lists have one entry per latent group, top first.
 
-    Lists have one entry per latent group, top group first.
+    Only tensors (and the constant ``spec``): the distributions are built on
+    access (``likelihood``), outside any compiled region.
     """
-    likelihood: Likelihood
-    kl: list[torch.Tensor]              # [B]: analytic KL, or log q - log p (flows / kl_mc)
-    kl_per_channel: list[torch.Tensor]  # [B, L], summed over positions
-    log_q: list[torch.Tensor]           # [B]: log q(z|x) of the sample, incl. flow log-dets
-    log_p: list[torch.Tensor]           # [B]: log p(z) of the sample
-    z: list[torch.Tensor]               # the samples (after the flows)
-    posteriors: list[Normal]            # q before the flows
-    priors: list[Normal]
+    params: torch.Tensor                # output-distribution parameters (unpadded, float32)
+    spec: OutputSpec
+    kl_per_channel: list[torch.Tensor]  # [B, L] (see GroupStats.kl)
+    log_q: list[torch.Tensor]           # [B]
+    log_p: list[torch.Tensor]           # [B]
+    z: list[torch.Tensor]
+    q_mu: list[torch.Tensor]
+    q_log_sigma: list[torch.Tensor]
+    p_mu: list[torch.Tensor]
+    p_log_sigma: list[torch.Tensor]
+
+    @property
+    def likelihood(self) -> Likelihood:
+        return Likelihood(self.params, self.spec)
+
+    @property
+    def kl(self) -> list[torch.Tensor]:
+        """[B] per group: the KL term of the objective."""
+        return [k.sum(dim=1) for k in self.kl_per_channel]
 
 
 class LatentGroup(nn.Module):
-    """One latent group of the top-down pass: decoder cells, prior, posterior, combiner.
+    """One step of the top-down pass (cf. VDVAE's DecBlock): enter the group's
+    scale, read the prior, draw z from the posterior (or the prior), combine.
 
     The top group has no decoder cells, a fixed N(0, 1) prior and takes its
-    posterior from the encoder alone.
+    posterior from the encoder alone.  A group that starts a finer scale first
+    up-samples the state (``up``).
     """
 
-    def __init__(self, cfg: Config, c_enc: int, c_dec: int, top: bool):
+    def __init__(self, cfg: Config, c_enc: int, c_dec: int, top: bool, up_from: int | None):
         super().__init__()
-        L = cfg.num_latent_per_group
+        L = self.num_latent = cfg.num_latent_per_group
         self.top = top
+        self.residual = cfg.res_dist and not top
+        self.up = DecCell(up_from, DEC_EXPAND, cfg.use_se, up=True) if up_from else None
         if not top:
             self.dec_cells = nn.Sequential(*[DecCell(c_dec, DEC_EXPAND, cfg.use_se)
                                              for _ in range(cfg.num_cell_per_cond_dec)])
@@ -108,6 +149,68 @@ class LatentGroup(nn.Module):
         self.posterior = Conv2d(c_enc, 2 * L, 3)
         self.flow = IAFFlow(L, c_enc, cfg.num_nf) if cfg.num_nf > 0 else None
         self.combiner = DecCombiner(c_dec, L)
+
+    def _enter(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(decoder state at this group, prior mu, prior log sigma)."""
+        if self.up is not None:
+            state = self.up(state)
+        if self.top:
+            zeros = state.new_zeros((state.shape[0], self.num_latent, *state.shape[2:]),
+                                    dtype=torch.float32)
+            return state, zeros, zeros
+        state = self.dec_cells(state)
+        return (state, *normal_params(self.prior(state)))
+
+    def forward(self, state: torch.Tensor, enc_feature: torch.Tensor, use_mean: bool = False,
+                analytic_kl: bool = True) -> tuple[torch.Tensor, GroupStats]:
+        """Posterior step: (next decoder state, this group's tensors).
+
+        ``analytic_kl`` asks for the closed-form KL (Eq. 2); a group with flows
+        always uses the Monte-Carlo estimate log q(z) - log p(z).
+        """
+        state, p_mu, p_log_sigma = self._enter(state)
+        context = enc_feature if self.top else self.enc_combiner(enc_feature, state)
+        d_mu, d_log_sigma = normal_params(self.posterior(context))
+        if self.residual:
+            q_mu, q_log_sigma = p_mu + d_mu, p_log_sigma + d_log_sigma
+        else:
+            q_mu, q_log_sigma = d_mu, d_log_sigma
+        # z = mu + sigma * eps, so log q(z) = -eps^2 / 2 - log sigma - log(2 pi) / 2
+        # needs no (z - mu) / sigma and keeps no extra tensors for backward.
+        log_q = -q_log_sigma - HALF_LOG_2PI
+        if use_mean:
+            z = q_mu
+        else:
+            eps = torch.randn_like(q_mu)
+            z = q_mu + torch.exp(q_log_sigma) * eps
+            log_q = log_q - 0.5 * eps * eps
+        log_q = log_q.sum(dim=(2, 3))                                    # [B, L]
+        if self.flow is not None:
+            z, log_det = self.flow(z, context)                           # log_det [B, L]
+            log_q = log_q - log_det
+        analytic = analytic_kl and self.flow is None
+        # log q / log p carry gradients only where they form the KL.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not analytic):
+            log_p = normal_log_prob(z, p_mu, p_log_sigma).sum(dim=(2, 3))
+        if analytic:
+            if self.residual:
+                kl = residual_kl(d_mu, d_log_sigma, p_log_sigma)
+            else:
+                kl = residual_kl(q_mu - p_mu, q_log_sigma - p_log_sigma, p_log_sigma)
+            kl, log_q = kl.sum(dim=(2, 3)), log_q.detach()
+        else:
+            kl = log_q - log_p
+        stats = GroupStats(z, kl, log_q, log_p, q_mu, q_log_sigma, p_mu, p_log_sigma)
+        return self.combiner(state, z), stats
+
+    def sample(self, state: torch.Tensor, t: float = 1.0, z: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Prior step: the next decoder state for the given ``z``, or for
+        z ~ N(mu_p, (t sigma_p)^2) when ``z`` is None."""
+        state, p_mu, p_log_sigma = self._enter(state)
+        if z is None:
+            z = p_mu + (t * torch.exp(p_log_sigma)) * torch.randn_like(p_mu)
+        return self.combiner(state, z)
 
 
 class NVAE(nn.Module):
@@ -121,13 +224,15 @@ class NVAE(nn.Module):
                              "(each post-processing block undoes one pre-processing down-sampling)")
         L, S, P = cfg.num_latent_per_group, cfg.num_latent_scales, cfg.num_preprocess_blocks
         groups = cfg.groups_per_scale()                      # coarsest first
-        self.group_scale = [s for s, g in enumerate(groups) for _ in range(g)]
+        self.group_scale = [scale for scale, n in enumerate(groups) for _ in range(n)]
         self.num_groups = len(self.group_scale)
         top_size = cfg.padded_size // cfg.downsample_factor
-        c_enc = [cfg.num_channels_enc * 2 ** (P + S - 1 - s) for s in range(S)]
-        c_dec = [cfg.num_channels_dec * 2 ** (P + S - 1 - s) for s in range(S)]
-        self.latent_shapes = [(L, top_size * 2 ** s, top_size * 2 ** s) for s in self.group_scale]
+        c_enc = [cfg.num_channels_enc * 2 ** (P + S - 1 - scale) for scale in range(S)]
+        c_dec = [cfg.num_channels_dec * 2 ** (P + S - 1 - scale) for scale in range(S)]
+        self.latent_shapes = [(L, top_size * 2 ** scale, top_size * 2 ** scale)
+                              for scale in self.group_scale]
         self.data_dims = cfg.in_channels * cfg.image_size ** 2
+        self.output_spec = OutputSpec(cfg.binary, cfg.num_x_bits, cfg.in_channels)
         use_se = cfg.use_se
 
         # Bottom-up: stem, pre-processing (each block ends by halving the resolution).
@@ -139,20 +244,21 @@ class NVAE(nn.Module):
             c *= 2
         self.pre = nn.Sequential(*pre)
         # Encoder tower: per group (indexed top first, run in reverse), then a
-        # down-sampling cell into each coarser scale (enc_down[s] feeds scale s).
+        # down-sampling cell into each coarser scale (enc_down[scale] feeds that scale).
         self.enc_cells = nn.ModuleList(
-            nn.Sequential(*[EncCell(c_enc[s], use_se) for _ in range(cfg.num_cell_per_cond_enc)])
-            for s in self.group_scale)
-        self.enc_down = nn.ModuleList(EncCell(c_enc[s + 1], use_se, down=True) for s in range(S - 1))
+            nn.Sequential(*[EncCell(c_enc[scale], use_se) for _ in range(cfg.num_cell_per_cond_enc)])
+            for scale in self.group_scale)
+        self.enc_down = nn.ModuleList(EncCell(c_enc[scale + 1], use_se, down=True)
+                                      for scale in range(S - 1))
         self.enc0 = nn.Sequential(ELU(), Conv2d(c_enc[0], c_enc[0], 1), ELU())
 
-        # Top-down: learned initial feature, latent groups, up-sampling cells
-        # (dec_up[s] leaves scale s).
+        # Top-down: learned initial state, then the latent groups; the first
+        # group of each finer scale up-samples from the scale above.
         self.h0 = nn.Parameter(torch.rand(1, c_dec[0], top_size, top_size))
-        self.groups = nn.ModuleList(LatentGroup(cfg, c_enc[s], c_dec[s], top=i == 0)
-                                    for i, s in enumerate(self.group_scale))
-        self.dec_up = nn.ModuleList(DecCell(c_dec[s], DEC_EXPAND, use_se, up=True)
-                                    for s in range(S - 1))
+        self.groups = nn.ModuleList(
+            LatentGroup(cfg, c_enc[scale], c_dec[scale], top=i == 0,
+                        up_from=c_dec[scale - 1] if i > 0 and scale != self.group_scale[i - 1] else None)
+            for i, scale in enumerate(self.group_scale))
         post, c = [], c_dec[-1]
         for _ in range(cfg.num_postprocess_blocks):
             post.append(DecCell(c, POST_EXPAND, use_se, up=True))
@@ -180,16 +286,11 @@ class NVAE(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _likelihood(self, s: torch.Tensor) -> Likelihood:
-        """Post-processing and output head; the distribution covers the unpadded pixels."""
-        params = self.head(self.post(s)).float()
+    def _output_params(self, state: torch.Tensor) -> torch.Tensor:
+        """Post-processing and output head; parameters of the unpadded pixels, float32."""
+        params = self.head(self.post(state)).float()
         p = self.config.pad_input
-        if p:
-            params = params[:, :, p:-p, p:-p]
-        if self.config.binary:
-            return Likelihood(Bernoulli(params), binary=True)
-        return Likelihood(DiscMixLogistic(params, self.config.num_x_bits,
-                                          channels=self.config.in_channels), binary=False)
+        return params[:, :, p:-p, p:-p] if p else params
 
     def _temperatures(self, t: float | Sequence[float]) -> list[float]:
         if isinstance(t, (int, float)):
@@ -202,33 +303,45 @@ class NVAE(nn.Module):
 
     def _encode_bottom_up(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features per group, top first (the top one after enc0)."""
-        s = self.pre(self.stem(x))
+        h = self.pre(self.stem(x))
         feats = [None] * self.num_groups
         for i in reversed(range(self.num_groups)):
             if i < self.num_groups - 1 and self.group_scale[i] != self.group_scale[i + 1]:
-                s = self.enc_down[self.group_scale[i]](s)
-            s = self.enc_cells[i](s)
-            feats[i] = s
+                h = self.enc_down[self.group_scale[i]](h)
+            h = self.enc_cells[i](h)
+            feats[i] = h
         feats[0] = self.enc0(feats[0])
         return feats
 
-    def _decoder_state(self, i: int, s: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """The decoder state entering group i (before its combiner)."""
-        if i == 0:
-            h0 = self.h0.expand(batch, -1, -1, -1)
-            return h0.contiguous(memory_format=torch.channels_last) if self.config.channels_last else h0
-        if self.group_scale[i] != self.group_scale[i - 1]:
-            s = self.dec_up[self.group_scale[i - 1]](s)
-        return self.groups[i].dec_cells(s)
+    def _initial_state(self, batch: int) -> torch.Tensor:
+        h0 = self.h0.expand(batch, -1, -1, -1)
+        return h0.contiguous(memory_format=torch.channels_last) if self.config.channels_last else h0
 
-    def _prior(self, i: int, s: torch.Tensor) -> Normal:
-        if i == 0:
-            zeros = s.new_zeros((s.shape[0], *self.latent_shapes[0]), dtype=torch.float32)
-            return Normal(zeros, zeros)
-        return Normal(*_normal_params(self.groups[i].prior(s)))
+    def top_down(self, batch: int, enc_feats: list[torch.Tensor] | None = None,
+                 latents: Sequence[torch.Tensor] = (), temps: Sequence[float] = (),
+                 use_mean: bool = False, analytic_kl: bool = True
+                 ) -> tuple[torch.Tensor, list[GroupStats]]:
+        """The decoder: one pass over the latent groups, top first.
+
+        With ``enc_feats`` each group draws z from its posterior (the list is
+        consumed, so features are freed as soon as they are used); without,
+        the leading groups take the given ``latents`` and the others sample
+        their prior at ``temps``.  Returns the final state and, for posterior
+        passes, each group's tensors.
+        """
+        state, stats = self._initial_state(batch), []
+        for i, group in enumerate(self.groups):
+            if enc_feats is not None:
+                feature, enc_feats[i] = enc_feats[i], None
+                state, group_stats = group(state, feature, use_mean, analytic_kl)
+                stats.append(group_stats)
+            else:
+                state = group.sample(state, temps[i], latents[i] if i < len(latents) else None)
+        return state, stats
 
     # ------------------------------------------------------------- forward --
-    def forward(self, x: torch.Tensor, use_mean: bool = False, repeats: int = 1) -> NVAEOutput:
+    def forward(self, x: torch.Tensor, use_mean: bool = False, repeats: int = 1,
+                analytic_kl: bool = True) -> NVAEOutput:
         """x in [0, 1], [B, C, H, W].  ``use_mean`` takes each posterior's mean
         instead of a sample (a deterministic pass, e.g. for tests).
 
@@ -237,55 +350,22 @@ class NVAE(nn.Module):
         ``x.repeat_interleave(repeats, 0)`` (image-major); importance sampling
         uses it to share the encoder's work.  Exact in eval mode, where
         BatchNorm does not depend on the batch.
+
+        ``analytic_kl``: the caller's choice between the closed-form KL and the
+        Monte-Carlo estimate (groups with flows always use the latter).
         """
-        cfg = self.config
         feats = self._encode_bottom_up(self._prepare(x))
         if repeats > 1:
             feats = [f.repeat_interleave(repeats, dim=0) for f in feats]
-            x = x.repeat_interleave(repeats, dim=0)
-        analytic = cfg.num_nf == 0 and not cfg.kl_mc
-        out = NVAEOutput(None, [], [], [], [], [], [], [])
-        s = None
-        for i, group in enumerate(self.groups):
-            s = self._decoder_state(i, s, x.shape[0])
-            prior = self._prior(i, s)
-            context = feats[i] if i == 0 else group.enc_combiner(feats[i], s)
-            feats[i] = None
-            dmu, dlog_sigma = _normal_params(group.posterior(context))
-            if i > 0 and cfg.res_dist:
-                q = Normal.residual(prior, dmu, dlog_sigma)
-            else:
-                q = Normal(dmu, dlog_sigma)
-            # z = mu + sigma * eps, so log q(z) = -eps^2 / 2 - log sigma - log(2 pi) / 2
-            # needs no (z - mu) / sigma and keeps no extra tensors for backward.
-            log_q = -q.log_sigma - HALF_LOG_2PI
-            if use_mean:
-                z = q.mu
-            else:
-                eps = torch.randn_like(q.mu)
-                z = q.mu + q.sigma * eps
-                log_q = log_q - 0.5 * eps * eps
-            log_q = log_q.sum(dim=(2, 3))                                # [B, L]
-            if group.flow is not None:
-                z, log_det = group.flow(z, context)                      # log_det [B, L]
-                log_q = log_q - log_det
-            # log q / log p carry gradients only where they form the KL.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not analytic):
-                log_p = prior.log_prob(z).sum(dim=(2, 3))
-            if analytic:
-                kl, log_q = q.kl(prior).sum(dim=(2, 3)), log_q.detach()
-            else:
-                kl = log_q - log_p
-            out.kl.append(kl.sum(dim=1))
-            out.kl_per_channel.append(kl)
-            out.log_q.append(log_q.sum(dim=1))
-            out.log_p.append(log_p.sum(dim=1))
-            out.z.append(z)
-            out.posteriors.append(q)
-            out.priors.append(prior)
-            s = group.combiner(s, z)
-        out.likelihood = self._likelihood(s)
-        return out
+        state, stats = self.top_down(feats[0].shape[0], enc_feats=feats, use_mean=use_mean,
+                                     analytic_kl=analytic_kl)
+        return NVAEOutput(
+            params=self._output_params(state), spec=self.output_spec,
+            kl_per_channel=[g.kl for g in stats],
+            log_q=[g.log_q.sum(dim=1) for g in stats], log_p=[g.log_p.sum(dim=1) for g in stats],
+            z=[g.z for g in stats], q_mu=[g.q_mu for g in stats],
+            q_log_sigma=[g.q_log_sigma for g in stats], p_mu=[g.p_mu for g in stats],
+            p_log_sigma=[g.p_log_sigma for g in stats])
 
     # -------------------------------------------------- latents and samples --
     def encode(self, x: torch.Tensor, use_mean: bool = False) -> list[torch.Tensor]:
@@ -312,15 +392,11 @@ class NVAE(nn.Module):
             num = latents[0].shape[0]
         elif num is None:
             raise ValueError("pass num (the batch size) when no latents are given")
-        s = None
-        for i, group in enumerate(self.groups):
-            s = self._decoder_state(i, s, num)
-            z = latents[i] if i < len(latents) else self._prior(i, s).sample(temps[i])
-            s = group.combiner(s, z)
-        lik = self._likelihood(s)
+        state, _ = self.top_down(num, latents=latents, temps=temps)
+        likelihood = Likelihood(self._output_params(state), self.output_spec)
         if output == "auto":
             output = "mean" if self.config.binary else "sample"
-        return lik.mean() if output == "mean" else lik.sample(output_t)
+        return likelihood.mean() if output == "mean" else likelihood.sample(output_t)
 
     @torch.no_grad()
     def sample(self, num: int, t: float | Sequence[float] = 1.0, output: str = "auto",

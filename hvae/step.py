@@ -1,0 +1,181 @@
+"""One training step: forward, loss, backward, the skip decision, the update, the EMA.
+
+``TrainStep(x, step)`` returns the batch's metrics as device tensors and reads
+nothing back from the device except the skip decision (one host sync per
+step, marked below).  Logging converts the metrics to numbers, and only on
+logging steps (``hvae.logger``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from hvae import objectives
+from hvae.config import Config
+from hvae.runtime import Runtime, autocast
+from hvae.schedules import Schedule
+
+
+class EMA:
+    """Exponential moving average of the weights (buffers are copied), used for evaluation.
+
+    The decay ramps up as min(decay, (1 + step) / (10 + step)) so that early
+    averages are not dominated by the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs = (list(self.model.parameters()), [p.detach() for p in model.parameters()],
+                       list(self.model.buffers()), list(model.buffers()))
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        ema_params, params, ema_buffers, buffers = self._pairs
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+        torch._foreach_copy_(ema_buffers, buffers)
+
+
+class GradSkipper:
+    """Decides, on the device, which updates to drop: non-finite losses or gradient
+    norms always, outliers sometimes.
+
+    An update is an outlier when its norm exceeds ``factor`` times the median
+    (the lower median for an even count) of the last ``history`` accepted
+    norms, once ``warmup`` of them exist.  The threshold cannot stall
+    training: after ``patience`` consecutive outliers the next one is
+    accepted, so the history follows a real change of scale.  State lives in
+    device tensors (a NaN-padded ring of norms), so deciding needs no sync.
+    """
+
+    def __init__(self, factor: float, enabled: bool = True, history: int = 100,
+                 warmup: int = 20, patience: int = 5, device: torch.device | str = "cpu"):
+        self.factor, self.enabled, self.warmup, self.patience = factor, enabled, warmup, patience
+        self.norms = torch.full((history,), math.nan, device=device)
+        self._positions = torch.arange(history, device=device)
+        self.accepted = torch.zeros((), dtype=torch.long, device=device)   # norms written so far
+        self.consecutive = torch.zeros((), dtype=torch.long, device=device)
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+
+    def decide(self, norm: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """A 0-d bool tensor: skip this update?"""
+        bad = ~(torch.isfinite(norm) & torch.isfinite(loss))
+        if not self.enabled:
+            return bad
+        outlier = ((norm > self.factor * torch.nanmedian(self.norms))
+                   & (self.accepted >= self.warmup) & (self.consecutive < self.patience))
+        return bad | outlier
+
+    def record(self, norm: torch.Tensor, skip: torch.Tensor) -> None:
+        """Update the history with the decision all ranks agreed on."""
+        slot = self._positions == self.accepted % self.norms.numel()  # one-hot: no host index
+        self.norms.copy_(torch.where(slot & ~skip, norm.float(), self.norms))
+        self.accepted += (~skip).long()
+        self.consecutive = torch.where(skip, self.consecutive + 1, 0)
+        self.skipped += skip.long()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"norms": self.norms.cpu(), "accepted": self.accepted.cpu(),
+                "consecutive": self.consecutive.cpu(), "skipped": self.skipped.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in ("norms", "accepted", "consecutive", "skipped"):
+            getattr(self, name).copy_(state[name])
+
+
+def batchnorm_state(model: nn.Module) -> list[torch.Tensor]:
+    """Every BatchNorm buffer a forward pass in training mode changes."""
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
+
+class TrainStep:
+    """Forward, loss, backward and (unless skipped) one optimiser update of one batch.
+
+    ``model`` is the plain model, ``net`` what runs the forward (the model, or
+    its DDP wrapper).  A skipped update leaves no trace: gradients are dropped
+    and the BatchNorm statistics of its forward pass are restored.
+    """
+
+    def __init__(self, model: nn.Module, net: nn.Module, config: Config, runtime: Runtime,
+                 schedule: Schedule, optimizer: torch.optim.Optimizer,
+                 spectral: objectives.SpectralRegularizer, ema: EMA | None,
+                 skipper: GradSkipper, scaler: torch.amp.GradScaler):
+        self.model, self.net, self.config, self.runtime = model, net, config, runtime
+        self.schedule, self.optimizer, self.spectral = schedule, optimizer, spectral
+        self.ema, self.skipper, self.scaler = ema, skipper, scaler
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.balance_weights = objectives.group_prior_weights(model.group_scale).to(runtime.device)
+        self._bn_state = batchnorm_state(model)
+        self._bn_backup = [b.clone() for b in self._bn_state]
+
+    def __call__(self, x: torch.Tensor, step: int) -> dict:
+        lr = self.schedule.learning_rate(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, reg = self.forward_backward(x, step)
+        norm, skipped = self.update(loss, step)
+        return {"loss": loss.loss.detach(), "nelbo": loss.nelbo.mean(),
+                "recon": loss.recon.mean(),
+                "bpd": objectives.bits_per_dim(loss.nelbo.mean(), self.model.data_dims),
+                "kl": loss.kl_groups.sum(), "kl_weight": self.schedule.kl_weight(step),
+                "kl_groups": loss.kl_groups, "kl_coeffs": loss.kl_coeffs,
+                "reg": loss.reg, **reg, "lr": lr, "grad_norm": norm, "skipped": skipped,
+                "skipped_total": self.skipper.skipped}
+
+    def forward_backward(self, x: torch.Tensor, step: int) -> tuple[objectives.Loss, dict]:
+        """The regularised loss of one batch, back-propagated (gradients averaged over ranks)."""
+        cfg, schedule = self.config, self.schedule
+        x = x.to(self.runtime.device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        torch._foreach_copy_(self._bn_backup, self._bn_state)
+        self.model.train()
+        with autocast(self.runtime.device, cfg.amp):
+            output = self.net(x, analytic_kl=not cfg.kl_mc)
+        recon = -output.likelihood.log_prob(x)
+        lam = schedule.reg_lambda(step)
+        reg, terms = None, {"reg_lambda": lam}
+        if lam != 0:
+            terms.update(reg_spectral=self.spectral(),
+                         reg_bn=objectives.bn_regularizer(self.model))
+            reg = lam * (terms["reg_spectral"] + terms["reg_bn"])
+        loss = objectives.compute_loss(
+            recon, output.kl, kl_weight=schedule.kl_weight(step),
+            balance_weights=self.balance_weights if schedule.balancing(step) else None,
+            free_bits=cfg.kl_free_bits, reg=reg)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss.loss).backward()
+        return loss, {k: v.detach() if torch.is_tensor(v) else v for k, v in terms.items()}
+
+    def update(self, loss: objectives.Loss, step: int) -> tuple[torch.Tensor, bool]:
+        """Clip, decide, then apply the gradients unless the update is skipped:
+        (gradient norm as a device tensor, skipped)."""
+        self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip > 0:
+            norm = nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        skip = self.skipper.decide(norm, loss.loss.detach())
+        if self.runtime.distributed:  # every rank takes the same decision
+            flag = skip.int()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            skip = flag > 0
+        self.skipper.record(norm, skip)
+        skipped = bool(skip)  # HOST SYNC: the step's only one (is the update taken?)
+        if skipped:
+            torch._foreach_copy_(self._bn_state, self._bn_backup)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update(self.scaler.get_scale() / 2)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(step)
+        return norm.detach(), skipped
