@@ -42,14 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         config, resume = resolve_config(config, args)
     except (CheckpointError, ConfigError) as err:
         parser.exit(2, f"error: {err}\n")
-    from hvae.training import Interrupted, train  # after argument errors, which are instant
+    from hvae.runtime import Interrupted
+    from hvae.training import TrainingDiverged, train  # after argument errors, which are instant
 
     try:
         summary = train(config, resume=resume, progress=not args.no_progress, device=args.device)
-    except KeyboardInterrupt:  # the checkpoint is already saved
-        return 130
-    except Interrupted:        # SIGTERM (pre-emption): likewise
-        return 143
+    except Interrupted as stop:  # SIGTERM / Ctrl-C: the checkpoint is already saved
+        return stop.exit_code
+    except TrainingDiverged as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     if summary and "test_nelbo" in summary:  # rank 0 holds the results
         print(f"test NELBO {summary['test_nelbo']:.2f} nats ({summary['test_bpd']:.4f} bits/dim); "
               f"IW test NLL (K={config.num_iw_samples}) {summary['iw_nll_nats']:.2f} nats "

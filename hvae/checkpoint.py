@@ -28,10 +28,13 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` via a temporary file and an atomic rename.
 
-    A crash mid-write leaves the previous checkpoint at ``path`` untouched.
+    A crash mid-write leaves the previous checkpoint at ``path`` untouched;
+    temporary files left by a killed earlier write are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -144,14 +144,17 @@ def iw_log_px(model: nn.Module, x: torch.Tensor, num_samples: int,
 def iw_log_likelihood(model: nn.Module, loader: Iterable, num_samples: int,
                       chunk: int | None = None, device: torch.device | str | None = None,
                       progress: bool = True, max_batches: int = 0,
-                      distributed: bool = False) -> dict:
+                      distributed: bool = False, seed: int | None = None,
+                      between: Callable[[], None] | None = None) -> dict:
     """Test-set NLL by importance sampling, and the NELBO, in nats and bits/dim.
 
     With ``distributed`` every rank of the process group must call this with its
     own disjoint shard (``hvae.data.build_loader(..., distributed=True)``); sums and counts are all-reduced,
     so the result is exact over the whole set.  Leave it False when one process
     evaluates alone (e.g. rank 0 at the end of training).  The model is
-    evaluated in eval mode and left in the mode it was in.
+    evaluated in eval mode and left in the mode it was in.  ``seed`` fixes the
+    importance samples without touching the caller's RNG; ``between`` is
+    called after each batch (e.g. to stop on a signal).
     """
     device = torch.device(device) if device is not None else model_device(model)
     nll_sum = nelbo_sum = count = 0.0
@@ -160,7 +163,7 @@ def iw_log_likelihood(model: nn.Module, loader: Iterable, num_samples: int,
     bar = tqdm(total=_loader_size(loader, max_batches), unit="img",
                desc=f"IW NLL (K={num_samples})", disable=not show, file=sys.stderr,
                dynamic_ncols=True)
-    with eval_mode(model), bar:
+    with eval_mode(model), bar, seeded(seed, device):
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
@@ -171,6 +174,8 @@ def iw_log_likelihood(model: nn.Module, loader: Iterable, num_samples: int,
             count += x.shape[0]
             bar.update(x.shape[0])
             bar.set_postfix(nll=f"{nll_sum / count:.3f}")
+            if between is not None:
+                between()
     if distributed:
         nll_sum, nelbo_sum, count = _all_reduce_sum([nll_sum, nelbo_sum, count], device)
     if count == 0:
@@ -193,14 +198,17 @@ def _loader_size(loader, max_batches: int = 0) -> int | None:
 
 # ------------------------------------------------------- validation ---------
 @torch.no_grad()
-def test_metrics(model: nn.Module, loader: Iterable, amp: str = "none",
-                 max_batches: int = 0) -> dict:
-    """Single-sample test NELBO (nats, bits/dim), its parts, per-group KL and active units."""
+def test_metrics(model: nn.Module, loader: Iterable, amp: str = "none", max_batches: int = 0,
+                 seed: int | None = None, between: Callable[[], None] | None = None) -> dict:
+    """Single-sample test NELBO (nats, bits/dim), its parts, per-group KL and active units.
+
+    ``seed`` fixes the posterior samples without touching the caller's RNG;
+    ``between`` is called after each batch (e.g. to stop on a signal)."""
     device = model_device(model)
     sums = torch.zeros(3, dtype=torch.float64)          # recon, kl, nelbo
     kl_channels: list[torch.Tensor] | None = None       # per group: [L] summed over the data
     count = 0
-    with eval_mode(model):
+    with eval_mode(model), seeded(seed, device):
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
@@ -214,6 +222,8 @@ def test_metrics(model: nn.Module, loader: Iterable, amp: str = "none",
             count += x.shape[0]
             batch_kl = [k.double().sum(0).cpu() for k in out.kl_per_channel]
             kl_channels = batch_kl if kl_channels is None else [a + b for a, b in zip(kl_channels, batch_kl)]
+            if between is not None:
+                between()
     if count == 0:
         raise EvaluationError("the loader yielded no images")
     recon, kl, nelbo = (sums / count).tolist()

@@ -150,11 +150,11 @@ class SpectralRegularizer(nn.Module):
             self._groups.append((key, names, mods))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._initialized_on_host: bool | None = None  # cache of the buffer: no sync per call
-        self.register_load_state_dict_post_hook(SpectralRegularizer._forget_host_flag)
+        self.register_load_state_dict_post_hook(lambda module, _: module.forget_host_flag())
 
-    @staticmethod
-    def _forget_host_flag(module, _incompatible) -> None:
-        module._initialized_on_host = None
+    def forget_host_flag(self) -> None:
+        """Re-read ``initialized`` at the next call (after its buffer was loaded or restored)."""
+        self._initialized_on_host = None
 
     @property
     def num_weights(self) -> int:

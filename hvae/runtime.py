@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,3 +107,59 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- stopping
+class Interrupted(Exception):
+    """A stop asked for by a signal, raised at a safe point after the state is saved."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT only set a flag (``requested``); the loop
+    checks it at step boundaries, so a signal never lands inside a step or a
+    checkpoint write.  A second signal is only reported.  Outside the main
+    thread (where handlers cannot be installed) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, verbose: bool = True):
+        self.signum: int | None = None
+        self.verbose = verbose
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def check(self) -> None:
+        """Raise ``Interrupted`` if a stop was asked for (call where stopping is safe)."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.verbose:
+            what = "already stopping" if self.signum is not None else \
+                "stopping after the current step (the checkpoint is saved first)"
+            print(f"\n{signal.Signals(signum).name}: {what}", file=sys.stderr, flush=True)
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

@@ -98,8 +98,9 @@ class TrainStep:
     """Forward, loss, backward and (unless skipped) one optimiser update of one batch.
 
     ``model`` is the plain model, ``net`` what runs the forward (the model, or
-    its DDP wrapper).  A skipped update leaves no trace: gradients are dropped
-    and the BatchNorm statistics of its forward pass are restored.
+    its DDP wrapper).  A skipped update leaves no trace: gradients are dropped,
+    and what its forward pass changed (BatchNorm statistics and batch counts,
+    the spectral regulariser's power-iteration vectors) is restored.
     """
 
     def __init__(self, model: nn.Module, net: nn.Module, config: Config, runtime: Runtime,
@@ -111,22 +112,24 @@ class TrainStep:
         self.ema, self.skipper, self.scaler = ema, skipper, scaler
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.balance_weights = objectives.group_prior_weights(model.group_scale).to(runtime.device)
-        self._bn_state = batchnorm_state(model)
-        self._bn_backup = [b.clone() for b in self._bn_state]
+        self._forward_state = batchnorm_state(model) + list(spectral.buffers())
+        self._forward_backup = [b.clone() for b in self._forward_state]
 
-    def __call__(self, x: torch.Tensor, step: int) -> dict:
+    def __call__(self, x: torch.Tensor, step: int, stop_requested: bool = False) -> dict:
+        """Metrics of the step as device tensors, plus ``skipped`` and ``stop`` (whether
+        every rank agreed to stop after this step: a signal reached one of them)."""
         lr = self.schedule.learning_rate(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, reg = self.forward_backward(x, step)
-        norm, skipped = self.update(loss, step)
+        norm, skipped, stop = self.update(loss, step, stop_requested)
         return {"loss": loss.loss.detach(), "nelbo": loss.nelbo.mean(),
                 "recon": loss.recon.mean(),
                 "bpd": objectives.bits_per_dim(loss.nelbo.mean(), self.model.data_dims),
                 "kl": loss.kl_groups.sum(), "kl_weight": self.schedule.kl_weight(step),
                 "kl_groups": loss.kl_groups, "kl_coeffs": loss.kl_coeffs,
                 "reg": loss.reg, **reg, "lr": lr, "grad_norm": norm, "skipped": skipped,
-                "skipped_total": self.skipper.skipped}
+                "skipped_total": self.skipper.skipped, "stop": stop}
 
     def forward_backward(self, x: torch.Tensor, step: int) -> tuple[objectives.Loss, dict]:
         """The regularised loss of one batch, back-propagated (gradients averaged over ranks)."""
@@ -134,7 +137,7 @@ class TrainStep:
         x = x.to(self.runtime.device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        torch._foreach_copy_(self._bn_backup, self._bn_state)
+        torch._foreach_copy_(self._forward_backup, self._forward_state)
         self.model.train()
         with autocast(self.runtime.device, cfg.amp):
             output = self.net(x, analytic_kl=not cfg.kl_mc)
@@ -153,23 +156,27 @@ class TrainStep:
         self.scaler.scale(loss.loss).backward()
         return loss, {k: v.detach() if torch.is_tensor(v) else v for k, v in terms.items()}
 
-    def update(self, loss: objectives.Loss, step: int) -> tuple[torch.Tensor, bool]:
+    def update(self, loss: objectives.Loss, step: int, stop_requested: bool = False
+               ) -> tuple[torch.Tensor, bool, bool]:
         """Clip, decide, then apply the gradients unless the update is skipped:
-        (gradient norm as a device tensor, skipped)."""
+        (gradient norm as a device tensor, skipped, stop agreed by every rank)."""
         self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip > 0:
             norm = nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         else:
             norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         skip = self.skipper.decide(norm, loss.loss.detach())
-        if self.runtime.distributed:  # every rank takes the same decision
-            flag = skip.int()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            skip = flag > 0
+        if self.runtime.distributed:  # every rank takes the same decisions
+            flags = torch.stack([skip, torch.tensor(stop_requested, device=skip.device)]).int()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            skip = flags[0] > 0
+            skipped, stop = (flags > 0).tolist()  # HOST SYNC: the step's only one
+        else:
+            skipped, stop = bool(skip), stop_requested  # HOST SYNC: the step's only one
         self.skipper.record(norm, skip)
-        skipped = bool(skip)  # HOST SYNC: the step's only one (is the update taken?)
         if skipped:
-            torch._foreach_copy_(self._bn_state, self._bn_backup)
+            torch._foreach_copy_(self._forward_state, self._forward_backup)
+            self.spectral.forget_host_flag()
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler.is_enabled():
                 self.scaler.update(self.scaler.get_scale() / 2)
@@ -178,4 +185,9 @@ class TrainStep:
             self.scaler.update()
             if self.ema is not None:
                 self.ema.update(step)
-        return norm.detach(), skipped
+        return norm.detach(), skipped, stop
+
+    def weights_are_finite(self) -> bool:
+        """Whether every weight is finite (a host sync: call on logging or checkpoint steps)."""
+        norms = torch._foreach_norm([p.detach() for p in self.params])
+        return bool(torch.stack(norms).isfinite().all())

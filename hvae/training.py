@@ -18,7 +18,7 @@ import json
 import math
 import os
 import signal
-import threading
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,7 +34,7 @@ from hvae.checkpoint import Checkpointer
 from hvae.config import Config
 from hvae.logger import MetricsLogger, to_host
 from hvae.model import NVAE
-from hvae.runtime import Runtime, init_runtime, seed_everything
+from hvae.runtime import Interrupted, Runtime, StopSignals, init_runtime, seed_everything
 from hvae.schedules import Schedule
 from hvae.step import EMA, GradSkipper, TrainStep
 
@@ -58,8 +58,8 @@ class SkipBatches(torch.utils.data.Sampler):
         return max(len(self.sampler) - self.skip, 0)
 
 
-class Interrupted(Exception):
-    """Raised by the SIGTERM handler so that a pre-empted job saves like Ctrl-C."""
+class TrainingDiverged(RuntimeError):
+    """The weights became non-finite: the run cannot continue from here."""
 
 
 class Trainer:
@@ -106,6 +106,7 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, enabled=rt.is_main)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best = math.inf
+        self.signals = StopSignals(verbose=False)  # replaced by an active one inside fit()
         seed_everything(cfg.seed + 1 + rt.rank)  # per-rank noise streams
         if resume:
             Checkpointer.restore(self, resume, rank=rt.rank if rt.distributed else 0)
@@ -155,7 +156,12 @@ class Trainer:
             drop_last=loader.drop_last, collate_fn=loader.collate_fn, generator=generator))
 
     def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
-        """Train until ``total_steps`` (or ``stop_at_step``, which simulates a pre-emption)."""
+        """Train until ``total_steps`` (or ``stop_at_step``, which simulates a pre-emption).
+
+        SIGTERM / Ctrl-C only set a flag: the loop stops at the next step
+        boundary (or between evaluation batches), after saving, and raises
+        ``Interrupted``; ``--resume`` then continues bit for bit.
+        """
         cfg = self.config
         if self.runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,73 +171,118 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.run_name,
                        dynamic_ncols=True)
-        previous = signal.getsignal(signal.SIGTERM)
-        if _in_main_thread():
-            signal.signal(signal.SIGTERM, _raise_interrupted)
-        start, start_step, metrics = time.time(), self.step, {}
-        try:
-            while self.step < self.total_steps:
-                for x in self.epoch_batches():
-                    metrics = self.train_step(x)
-                    self.batch_in_epoch += 1
-                    if bar is not None:
-                        bar.update(1)
-                    if self.step % cfg.log_every == 0:  # the loop's only host reads
-                        logged = self.logger.log(metrics, self.step, self.epoch)
-                        if bar is not None:
-                            bar.set_postfix(nelbo=f"{logged['nelbo']:.2f}", bpd=f"{logged['bpd']:.3f}",
-                                            kl=f"{logged['kl']:.1f}", skip=logged["skipped_total"])
-                    if self.step % cfg.checkpoint_every == 0:
-                        self.save()
-                    if self.step >= self.total_steps or self.step == stop_at_step:
-                        break
-                if self.batch_in_epoch >= self.steps_per_epoch:
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    if self.epoch % cfg.eval_every == 0 and self.step < self.total_steps:
-                        self.end_of_epoch()
-                if self.step == stop_at_step:
-                    self.save()
-                    return {**to_host(metrics), "step": self.step, "stopped": True}
-        except (KeyboardInterrupt, Interrupted):
-            self.save()
-            if self.runtime.is_main:
-                print(f"\ninterrupted at step {self.step}: checkpoint saved to "
-                      f"{self.run_dir / 'checkpoint.pt'}; continue with --resume", flush=True)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-            if _in_main_thread():
-                signal.signal(signal.SIGTERM, previous)
-        elapsed = time.time() - start
-        summary = self.end_of_epoch(final=True)
+        start, start_step = time.time(), self.step
+        with StopSignals(verbose=self.runtime.is_main) as self.signals:
+            try:
+                while self.step < self.total_steps:
+                    if self._train_epoch(bar, stop_at_step):
+                        return {"step": self.step, "stopped": True}
+                    if self.batch_in_epoch >= self.steps_per_epoch:  # the epoch is complete
+                        if (self.epoch + 1) % cfg.eval_every == 0 and self.step < self.total_steps:
+                            self.end_of_epoch()
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            finally:
+                if bar is not None:
+                    bar.close()
+            elapsed = time.time() - start
+            summary = self.end_of_epoch(final=True)
         summary.update(steps=self.step, train_seconds=elapsed,
                        images_per_second=(self.step - start_step) * cfg.batch_size
                        * self.runtime.world_size / max(elapsed, 1e-9),
                        skipped_steps=int(self.skipper.skipped))
         return summary
 
+    def _train_epoch(self, bar, stop_at_step: int | None) -> bool:
+        """The rest of this epoch's steps; True when stopped at ``stop_at_step``."""
+        cfg = self.config
+        batches = self.epoch_batches()
+        while self.step < self.total_steps:
+            try:
+                x = next(batches, None)
+            except hdata.DataError:  # a corrupt item: keep the steps done so far, then stop
+                self._save_checked()
+                raise
+            if x is None:
+                return False
+            metrics = self.train_step_fn(x, self.step, stop_requested=self.signals.requested)
+            self.step += 1
+            self.batch_in_epoch += 1
+            if bar is not None:
+                bar.update(1)
+            if self.step % cfg.log_every == 0:  # the loop's only host reads
+                logged = self.logger.log(metrics, self.step, self.epoch)
+                self._check_weights()
+                if bar is not None:
+                    bar.set_postfix(nelbo=f"{logged['nelbo']:.2f}", bpd=f"{logged['bpd']:.3f}",
+                                    kl=f"{logged['kl']:.1f}", skip=logged["skipped_total"])
+            if self.step % cfg.checkpoint_every == 0 or metrics["stop"]:
+                self._save_checked()
+            if metrics["stop"]:
+                self._announce_stop()
+                raise Interrupted(self.signals.signum or signal.SIGTERM)
+            if self.step == stop_at_step:
+                self._save_checked()
+                return True
+        return False
+
+    def _check_weights(self) -> None:
+        """Stop, with the step and the last good checkpoint, once an update made a weight
+        non-finite (every later step would be skipped and the run would 'succeed')."""
+        if not self.train_step_fn.weights_are_finite():
+            last = self.run_dir / "checkpoint.pt"
+            raise TrainingDiverged(
+                f"the weights became non-finite at or before step {self.step} (learning rate "
+                f"{self.schedule.learning_rate(self.step - 1):.3g}); the last good checkpoint is "
+                f"{last if last.exists() else 'not written yet'}: lower --learning_rate or "
+                "set --grad_clip")
+
+    def _save_checked(self, name: str = "checkpoint.pt") -> None:
+        """Save, but never weights that are no longer finite."""
+        self._check_weights()
+        self.save(name)
+
+    def _announce_stop(self) -> None:
+        if self.runtime.is_main:
+            print(f"stopped at step {self.step}: checkpoint saved to "
+                  f"{self.run_dir / 'checkpoint.pt'}; continue with --resume", file=sys.stderr,
+                  flush=True)
+
     # ---------------------------------------------------------------- evaluation
     def end_of_epoch(self, final: bool = False) -> dict[str, Any]:
-        """Validate, keep the best checkpoint, write images; at the end also the IW NLL."""
+        """Validate, keep the best checkpoint, write images; at the end also the IW NLL.
+
+        Runs at a step boundary (the epoch complete, not yet advanced), so a stop
+        during it saves that state and a resumed run repeats the evaluation.
+        """
+        try:
+            return self._evaluate_and_save(final)
+        except Interrupted:
+            self._save_checked()
+            self._announce_stop()
+            raise
+
+    def _evaluate_and_save(self, final: bool) -> dict[str, Any]:
         rt, cfg = self.runtime, self.config
         metrics = {}
+        stop = self.signals.check  # evaluation batches end early on a signal
         if rt.is_main:
             metrics = ev.test_metrics(self.eval_model, self.test_loader, amp=cfg.amp,
-                                      max_batches=cfg.eval_batches)
+                                      max_batches=cfg.eval_batches, seed=cfg.seed, between=stop)
             self.logger.log(metrics, self.step, self.epoch, split="test")
             if metrics["test_nelbo"] < self.best:
                 self.best = metrics["test_nelbo"]
                 self.save("checkpoint_best.pt")
             self.save_images()
-        self.save()
+        self._save_checked()
+        stop()
         if final:  # every rank evaluates its own shard of the test set; sums are all-reduced
             loader = (hdata.build_loader(cfg, "test", distributed=True, rank=rt.rank,
                                          world_size=rt.world_size, device=rt.device)
                       if rt.distributed else self.test_loader)
             iw = ev.iw_log_likelihood(self.eval_model, loader, cfg.num_iw_samples,
                                       device=rt.device, progress=self.progress,
-                                      max_batches=cfg.eval_batches, distributed=rt.distributed)
+                                      max_batches=cfg.eval_batches, distributed=rt.distributed,
+                                      seed=cfg.seed, between=stop)
             if rt.is_main:
                 iw = {f"iw_{k}": v for k, v in iw.items()}
                 metrics.update(iw)
@@ -252,14 +303,6 @@ class Trainer:
         grid = ev.interleave_rows(x.float().cpu(), recons.cpu(), nrow=nrow)
         save_image(grid, self.run_dir / "reconstructions.png", nrow=nrow)
         self.logger.add_image("reconstructions", make_grid(grid, nrow=nrow), self.step)
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(f"signal {signum}")
 
 
 def train(config: Config, resume: str | os.PathLike | None = None, progress: bool = True,

@@ -18,10 +18,10 @@ from PIL import Image
 from hvae import evaluation as ev
 from hvae.checkpoint import CheckpointError, load_checkpoint
 from hvae.config import preset
-from hvae.runtime import Runtime
+from hvae.runtime import Interrupted, Runtime
 from hvae.schedules import Schedule
 from hvae.step import GradSkipper
-from hvae.training import Trainer, train
+from hvae.training import Trainer, TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(num_channels_enc=8, num_channels_dec=8, num_groups_per_scale=2,
@@ -267,20 +267,133 @@ def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path):
     assert load_checkpoint(out / "demo" / "checkpoint.pt")["step"] == 3
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
-    cfg = tiny(tmp_path, max_steps=6, checkpoint_every=1000)
+# ------------------------------------------------------- stops and resumes --
+def _final_state(cfg):
+    return load_checkpoint(Path(cfg.out) / cfg.run_name / "checkpoint.pt")
+
+
+def _assert_same_run(a_cfg, b_cfg):
+    """Every tensor of the final checkpoints and every logged training loss agree exactly."""
+    a, b = _final_state(a_cfg), _final_state(b_cfg)
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] and a["best"] == b["best"]
+    for part in ("model", "ema", "spectral", "grad_skip"):
+        for key in a[part]:
+            torch.testing.assert_close(a[part][key], b[part][key], rtol=0, atol=0,
+                                       equal_nan=True, msg=f"{part}.{key}")
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for key in sa:
+            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
+
+    def losses(cfg):
+        rows = [json.loads(l) for l in
+                (Path(cfg.out) / cfg.run_name / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+    assert losses(a_cfg) == losses(b_cfg)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, digit_folder):
+    """The reference run: 7 steps over epochs of 2 (evaluations in between), final IW NLL."""
+    cfg = folder_config(tmp_path_factory.mktemp("ref"), digit_folder, **STOP_RUN)
+    return cfg, train(cfg, progress=False)
+
+
+STOP_RUN = dict(max_steps=7, deterministic=True, checkpoint_every=2, ema_decay=0.9)
+
+
+def _interrupt_and_resume(tmp_path, digit_folder, signum, inject):
+    """Run with ``inject(trainer)`` arranging a signal; expect the stop, then resume."""
+    import signal
+    cfg = folder_config(tmp_path, digit_folder, **STOP_RUN)
     trainer = Trainer(cfg, Runtime(), progress=False)
-    real_step = Trainer.train_step
-
-    def interrupted_step(self, x):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return real_step(self, x)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
-    with pytest.raises(KeyboardInterrupt):
+    inject(trainer, signum)
+    with pytest.raises(Interrupted) as stop:
         trainer.fit()
+    assert stop.value.signum == signum and stop.value.exit_code == 128 + signum
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    stopped_at = _final_state(cfg)["step"]
+    summary = train(cfg, progress=False, resume=Path(cfg.out) / cfg.run_name / "checkpoint.pt")
+    return cfg, stopped_at, summary
+
+
+def test_sigterm_inside_a_checkpoint_write_stops_cleanly_and_resumes_exactly(
+        tmp_path, digit_folder, uninterrupted, monkeypatch):
+    import signal
+    import hvae.checkpoint
+    real_save = torch.save
+
+    def inject(trainer, signum):
+        def save_with_signal(obj, f, *args, **kwargs):
+            if obj.get("step") == 4 and not hasattr(save_with_signal, "sent"):
+                save_with_signal.sent = True
+                os.kill(os.getpid(), signum)  # arrives while the file is being written
+            return real_save(obj, f, *args, **kwargs)
+        monkeypatch.setattr(hvae.checkpoint.torch, "save", save_with_signal)
+
+    cfg, stopped_at, summary = _interrupt_and_resume(tmp_path, digit_folder, signal.SIGTERM, inject)
+    # the write finished; step 4 ends an epoch, whose evaluation stops at its first batch
+    assert stopped_at == 4
+    ref_cfg, ref = uninterrupted
+    _assert_same_run(ref_cfg, cfg)
+    assert summary["iw_nll_nats"] == ref["iw_nll_nats"]
+    assert summary["test_nelbo"] == ref["test_nelbo"]
+    assert not list((Path(cfg.out) / cfg.run_name).glob(".*.tmp"))
+
+
+def test_ctrl_c_inside_the_optimizer_step_stops_cleanly_and_resumes_exactly(
+        tmp_path, digit_folder, uninterrupted):
+    import signal
+
+    def inject(trainer, signum):
+        def hook(optimizer, args, kwargs):
+            if trainer.step == 2:  # inside the update of the third step
+                os.kill(os.getpid(), signum)
+        trainer.optimizer.register_step_post_hook(hook)
+
+    cfg, stopped_at, _ = _interrupt_and_resume(tmp_path, digit_folder, signal.SIGINT, inject)
+    assert stopped_at == 4
+    _assert_same_run(uninterrupted[0], cfg)
+
+
+def test_sigterm_during_the_final_evaluation_resumes_to_the_same_result(
+        tmp_path, digit_folder, uninterrupted, monkeypatch):
+    import signal
+    real_iw = ev.iw_log_px
+
+    def inject(trainer, signum):
+        def iw_with_signal(*args, **kwargs):
+            if not hasattr(iw_with_signal, "sent"):
+                iw_with_signal.sent = True
+                os.kill(os.getpid(), signum)
+            return real_iw(*args, **kwargs)
+        monkeypatch.setattr(ev, "iw_log_px", iw_with_signal)
+
+    cfg, stopped_at, summary = _interrupt_and_resume(tmp_path, digit_folder, signal.SIGTERM, inject)
+    assert stopped_at == 7
+    ref_cfg, ref = uninterrupted
+    _assert_same_run(ref_cfg, cfg)
+    for key in ("iw_nll_nats", "iw_nelbo_nats", "test_nelbo", "active_units_total"):
+        assert summary[key] == ref[key], key
+
+
+def test_diverged_weights_stop_the_run_and_are_never_saved(tmp_path):
+    cfg = tiny(tmp_path, max_steps=6, learning_rate=1e30, warmup_epochs=0, grad_clip=0.0,
+               checkpoint_every=1, log_every=2, grad_skip=False)
+    with pytest.raises(TrainingDiverged, match="non-finite at or before step"):
+        train(cfg, progress=False)
     ckpt = Path(cfg.out) / cfg.run_name / "checkpoint.pt"
-    assert load_checkpoint(ckpt)["step"] == 2
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    assert train(cfg, progress=False, resume=ckpt)["steps"] == 6
+    if ckpt.exists():  # whatever was saved is finite
+        state = load_checkpoint(ckpt)
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_stale_temporary_files_are_removed_on_the_next_save(tmp_path):
+    from hvae.checkpoint import save_checkpoint
+    stale = tmp_path / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".checkpoint_best.pt.abc123.tmp"
+    other.write_bytes(b"another file's temp")
+    save_checkpoint(tmp_path / "checkpoint.pt", {"config": {}, "model": {}})
+    assert not stale.exists() and other.exists()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["model"] == {}
