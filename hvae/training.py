@@ -34,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hvae import data as hdata
 from hvae import objectives
-from hvae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hvae.checkpoint import (CheckpointError, describe_mismatch, load_checkpoint,
+                             save_checkpoint)
 from hvae.config import Config
 from hvae.model import NVAE
 
@@ -392,9 +393,10 @@ class Trainer:
                 self.ema.model.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.spectral.load_state_dict(state["spectral"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this config "
-                                  f"(was it written by another architecture?): {err}") from err
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this config: "
+                                  + describe_mismatch(self.model, state["model"], state["config"],
+                                                      self.config, error=err)) from err
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.skipper.load_state_dict(state["grad_skip"])
