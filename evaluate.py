@@ -15,20 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from hvae import cli
 from hvae import evaluation as ev
 
+PROG = "evaluate.py"
 MODES = ("nll", "sample", "recon", "fid", "encode", "decode")
 DEFAULT_NUM = {"sample": 64, "recon": 64, "fid": 50000, "nll": 0, "encode": 0, "decode": 0}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    count, count0 = cli.integer(1), cli.integer(0)  # counts; 0 = "all" / "none"
 
     def add(name: str, **kwargs):
         flags = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
@@ -38,27 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     add("mode", required=True, choices=MODES)
     add("data", default=None, help="dataset location (default: the checkpoint config's data)")
     add("out", default=None, help="output folder (default: CHECKPOINT_DIR/eval)")
-    add("batch-size", type=int, default=None, help="default: the config's batch_size")
-    add("device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    add("batch-size", type=count, default=None, help="default: the config's batch_size")
+    add("device", default=None, type=cli.DEVICE,
+        help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     add("no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    add("seed", type=int, default=0)
-    add("num", type=int, default=None,
+    add("seed", type=cli.integer(0, 2**63 - 1), default=0)
+    add("num", type=count0, default=None,
         help="images to use: samples (sample/fid, default 64/50000), inputs (recon, 64), "
              "images of the split or of --latents (nll/encode/decode, default 0 = all)")
     add("split", default="test", choices=("train", "test"), help="split for recon/encode")
-    add("temp", default="1.0", help="temperature, or a comma list with one value per group")
+    add("temp", default="1.0", type=cli.argtype(_checked_temperature),
+        help="temperature >= 0, or a comma list with one value per group (top first)")
     add("readjust-bn", action="store_true",
         help="re-estimate BatchNorm statistics from samples at --temp before sampling")
-    add("readjust-bn-batches", type=int, default=100)
-    add("nrow", type=int, default=8, help="images per row of PNG grids")
-    add("num-iw-samples", type=int, default=None, help="K for nll (default: the config's)")
-    add("iw-chunk", type=int, default=None,
+    add("readjust-bn-batches", type=count, default=100)
+    add("nrow", type=count, default=8, help="images per row of PNG grids")
+    add("num-iw-samples", type=count, default=None, help="K for nll (default: the config's)")
+    add("iw-chunk", type=count, default=None,
         help="importance samples per image per forward (default: ~256 images per forward)")
     add("sample", action="store_true", help="encode: posterior samples instead of means")
     add("latents", default=None, help="decode: .npz written by --mode encode")
     add("fid-weights", default=None, help="local pytorch-fid Inception weights (.pth)")
     add("fid-cache", default=None, help="folder of cached reference statistics (default: --out)")
-    add("fid-ref-num", type=int, default=0, help="training images for FID statistics (0: all)")
+    add("fid-ref-num", type=count0, default=0,
+        help="training images for FID statistics (0: all)")
     add("no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -68,6 +73,35 @@ def split_loader(config, split: str, batch: int, num: int, rank: int = 0, world:
     from hvae.data import build_loader
     return build_loader(config, split, distributed=world > 1, rank=rank, world_size=world,
                         batch_size=batch, shuffle=False, drop_last=False, max_images=num)
+def _checked_temperature(text: str) -> str:
+    """--temp is kept as text (it names output files); parse_temperature checks it."""
+    ev.parse_temperature(text)
+    return text
+
+
+MIN_NUM = {"sample": 1, "recon": 1, "fid": 2}  # modes where --num is a count, not "0 = all"
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks that involve several arguments; single values are checked by their types."""
+    if args.num is not None and args.num < MIN_NUM.get(args.mode, 0):
+        least = MIN_NUM[args.mode]
+        raise cli.UsageError(f"--num {args.num} is not allowed with --mode {args.mode}: "
+                             f"at least {least} image{'s' if least > 1 else ''} (0 means "
+                             "'all' only for nll, encode and decode)")
+    if args.readjust_bn and args.mode not in ("sample", "fid"):
+        raise cli.UsageError(f"--readjust-bn only applies to --mode sample or fid, "
+                             f"not {args.mode}")
+    if args.mode == "decode" and not args.latents:
+        raise ev.EvaluationError("--mode decode needs --latents FILE (from --mode encode)")
+    for flag in ("checkpoint", "latents", "fid_weights"):  # fail before loading the model
+        if getattr(args, flag):
+            cli.check_input_file(getattr(args, flag), "--" + flag.replace("_", "-"))
+    cli.check_output_dir(output_dir(args), "--out")
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -79,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     model, config = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
     if args.data is not None:
         config = config.replace(data=args.data)
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
+    out = output_dir(args)
     batch = args.batch_size or config.batch_size
     num = DEFAULT_NUM[args.mode] if args.num is None else args.num
     t = ev.parse_temperature(args.temp)
@@ -117,9 +151,7 @@ def run(args: argparse.Namespace) -> dict:
                       shapes=[list(z.shape[1:]) for z in latents], files={"npz": path},
                       posterior="sample" if args.sample else "mean")
     elif args.mode == "decode":
-        if not args.latents:
-            raise ev.EvaluationError("--mode decode needs --latents FILE (from --mode encode)")
-        latents = [z[:num] if num else z for z in ev.load_latents(args.latents)]
+        latents = [z[:num] if num else z for z in ev.load_latents(args.latents, model.latent_shapes)]
         images = ev.decode_latents(model, latents, t, batch, seed=args.seed)
         result.update(num=int(images.shape[0]), num_groups_given=len(latents),
                       files=ev.save_images(images, out, _tag("decoded", args), args.nrow))
@@ -172,18 +204,11 @@ def fid(model, config, args, num, batch, t, out, device, progress) -> dict:
     return dict(fid=score, num_samples=num, reference_cache=str(cache))
 
 
+@cli.entry_point(PROG)  # bad input (arguments, checkpoint, data ...): one line, exit code 2
 def main(argv: list[str] | None = None) -> dict:
-    from hvae.checkpoint import CheckpointError
-    from hvae.config import ConfigError
-    from hvae.data import DataError
-
     args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except (ev.EvaluationError, ev.FIDWeightsError, CheckpointError, ConfigError,
-            DataError) as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+    check_args(args)
+    result = run(args)
     if result:
         print(json.dumps(result), flush=True)
     if dist.is_initialized():

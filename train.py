@@ -10,17 +10,20 @@ import json
 import sys
 from pathlib import Path
 
-from hvae.checkpoint import CheckpointError, saved_config
-from hvae.config import Config, ConfigError, parse_args
+from hvae import cli
+from hvae.config import Config, parse_args
+
+PROG = "train.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="continue a run exactly where it stopped (default: the run "
                              "folder's checkpoint.pt); flags given now override its config")
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: auto)")
+    parser.add_argument("--device", default=None, type=cli.DEVICE,
+                        help="e.g. cpu, cuda, cuda:1 (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -29,28 +32,25 @@ def resolve_config(config: Config, args: argparse.Namespace) -> tuple[Config, Pa
     """With --resume, the checkpoint's config plus the flags given explicitly now."""
     if not args.resume:
         return config, None
+    from hvae.checkpoint import saved_config  # torch: imported after the argument checks
     path = Path(config.out) / config.run_name / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
     saved = saved_config(path)
     explicit = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     return Config.from_dict({**saved, **explicit}), path
 
 
+@cli.entry_point(PROG)  # bad input (config, data, checkpoint, device): one line, exit code 2
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    config, args = parse_args(argv, parser)
-    try:
-        config, resume = resolve_config(config, args)
-    except (CheckpointError, ConfigError) as err:
-        parser.exit(2, f"error: {err}\n")
-    from hvae.runtime import Interrupted
-    from hvae.training import TrainingDiverged, train  # after argument errors, which are instant
+    config, args = parse_args(argv, build_parser())
+    config, resume = resolve_config(config, args)
+    cli.check_output_dir(Path(config.out) / config.run_name, "--out")
+    from hvae.runtime import Interrupted  # after argument errors, which are instant
+    from hvae.training import train
 
     try:
         summary = train(config, resume=resume, progress=not args.no_progress, device=args.device)
     except Interrupted as stop:  # SIGTERM / Ctrl-C: the checkpoint is already saved
         return stop.exit_code
-    except TrainingDiverged as err:
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
     if summary and "test_nelbo" in summary:  # rank 0 holds the results
         print(f"test NELBO {summary['test_nelbo']:.2f} nats ({summary['test_bpd']:.4f} bits/dim); "
               f"IW test NLL (K={config.num_iw_samples}) {summary['iw_nll_nats']:.2f} nats "

@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
+from hvae.errors import HvaeError
 from hvae.runtime import rng_state, seed_everything, set_rng_state
 
 FORMAT = "hvae-checkpoint-v1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HvaeError, RuntimeError):
     """A checkpoint file that is missing, unreadable, truncated or from another program."""
 
 
@@ -83,9 +84,10 @@ def load_model(path: str | os.PathLike, use_ema: bool = True, device: Any = "cpu
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
     try:
         model.load_state_dict(weights)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} does not match the model its config describes: {err}") from err
+            f"checkpoint {str(path)!r} does not match the model its config describes: "
+            f"{describe_mismatch(model, weights, error=err)}") from err
     return model.to(device).eval(), config
 
 
@@ -135,9 +137,10 @@ class Checkpointer:
             run.optimizer.load_state_dict(state["optimizer"])
             run.spectral.load_state_dict(state["spectral"])
             run.skipper.load_state_dict(state["grad_skip"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this config "
-                                  f"(was it written by another architecture?): {err}") from err
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this config: "
+                                  + describe_mismatch(run.model, state["model"], state["config"],
+                                                      run.config, error=err)) from err
         if state.get("scaler"):
             run.scaler.load_state_dict(state["scaler"])
         run.step, run.best = int(state["step"]), float(state["best"])
@@ -147,3 +150,55 @@ class Checkpointer:
             set_rng_state(state["rng"])
         else:
             seed_everything(run.config.seed + rank + 1000 * run.step)
+def describe_mismatch(model: torch.nn.Module, state_dict: Any, saved_config: Any = None,
+                      config: Any = None, error: BaseException | None = None) -> str:
+    """Why ``state_dict`` does not load into ``model``, in one line: the first mismatching
+    entry (name and both shapes, or which side lacks it), how many entries differ, and
+    the fields in which ``saved_config`` (the checkpoint's) and ``config`` (the model's)
+    differ.  Configs may be ``Config`` objects or dicts.  Falls back to the first line of
+    ``error`` when the parameters themselves match (e.g. an optimizer state that does not)."""
+    parts: list[str] = []
+    if isinstance(state_dict, dict):
+        mine = model.state_dict()
+        shape = lambda t: list(getattr(t, "shape", ()))  # noqa: E731
+        differ = [(k, "shape") for k in mine if k in state_dict and shape(mine[k]) != shape(state_dict[k])]
+        differ += [(k, "missing") for k in mine if k not in state_dict]
+        differ += [(k, "extra") for k in state_dict if k not in mine]
+        if differ:
+            order: dict[str, int] = {}
+            for k in [*mine, *state_dict]:  # the model's order, then the checkpoint's extras
+                order.setdefault(k, len(order))
+            name, kind = min(differ, key=lambda d: order[d[0]])
+            if kind == "shape":
+                first = (f"parameter {name!r} has shape {shape(state_dict[name])} in the checkpoint "
+                         f"but {shape(mine[name])} in the model")
+            elif kind == "missing":
+                first = f"the checkpoint has no parameter {name!r}, which the model needs"
+            else:
+                first = f"the checkpoint has a parameter {name!r} that the model does not have"
+            more = len(differ) - 1
+            parts.append(first + (f" ({more} more entr{'y' if more == 1 else 'ies'} differ)"
+                                  if more else ""))
+    else:
+        parts.append(f"the weights are {type(state_dict).__name__}, not a dict of tensors")
+    mismatch = bool(parts)
+    if not parts and error is not None:  # the parameters fit: say what did not
+        if isinstance(error, KeyError):
+            parts.append(f"it lacks the {error.args[0]!r} entry")
+        else:
+            line = next((l.strip() for l in str(error).splitlines() if l.strip()), "")
+            parts.append(f"{type(error).__name__}: {line}" if line else type(error).__name__)
+    if saved_config is not None and config is not None:
+        old, new = _as_dict(saved_config), _as_dict(config)
+        fields = [k for k in new if k in old and old[k] != new[k]]
+        if fields:
+            shown = ", ".join(f"{k} (checkpoint {old[k]!r}, now {new[k]!r})" for k in fields[:8])
+            parts.append("the configs differ in " + shown
+                         + (f" and {len(fields) - 8} more" if len(fields) > 8 else ""))
+        elif mismatch:
+            parts.append("the configs agree, so the weights were written by another architecture")
+    return "; ".join(parts)
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    return dict(config) if isinstance(config, dict) else config.to_dict()

@@ -13,15 +13,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
+
+from hvae.errors import HvaeError
 
 DATASETS = ("mnist_subset", "mnist", "cifar10", "celeba64", "imagenet32",
             "celebahq256", "ffhq256", "lmdb", "folder")
 AMP_MODES = ("none", "fp16", "bf16")
 
 
-class ConfigError(ValueError):
+class ConfigError(HvaeError, ValueError):
     """A configuration value that is unknown, of the wrong type or not allowed."""
 
 
@@ -146,6 +149,9 @@ class Config:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed: {allowed}")
 
+        for f in fields(self):  # inf / nan would pass the range checks below, or fail them confusingly
+            if isinstance(getattr(self, f.name), float):
+                need(math.isfinite(getattr(self, f.name)), f.name, "a finite number")
         need(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
         need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
         need(1 <= self.num_x_bits <= 8, "num_x_bits", "an integer from 1 to 8")
@@ -155,13 +161,13 @@ class Config:
         positive = ["num_channels_enc", "num_channels_dec", "num_latent_scales",
                     "num_groups_per_scale", "num_latent_per_group", "min_groups_per_scale",
                     "num_cell_per_cond_enc", "num_cell_per_cond_dec", "num_mixture_dec",
-                    "batch_size", "image_size", "log_every", "eval_every",
+                    "batch_size", "epochs", "image_size", "log_every", "eval_every",
                     "checkpoint_every", "num_iw_samples", "num_power_iter"]
         for name in positive:
             need(getattr(self, name) >= 1, name, "a positive integer")
         non_negative = ["num_preprocess_blocks", "num_preprocess_cells",
                         "num_postprocess_blocks", "num_postprocess_cells", "num_nf",
-                        "epochs", "max_steps", "pad_input", "num_workers", "eval_batches",
+                        "max_steps", "pad_input", "num_workers", "eval_batches",
                         "warmup_epochs", "weight_decay", "grad_clip", "kl_free_bits",
                         "weight_decay_norm", "weight_decay_norm_init", "kl_beta",
                         "kl_anneal_portion", "kl_const_portion", "kl_const_coeff"]

@@ -31,6 +31,7 @@ fork), so datasets pickle to DataLoader workers.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import importlib.util
@@ -39,13 +40,16 @@ import math
 import os
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from hvae.errors import HvaeError
 
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.1          # share of a plain image folder used as the test split
@@ -89,8 +93,26 @@ _HOW_TO = {
 }
 
 
-class DataError(ValueError):
+class DataError(HvaeError, ValueError):
     """Data that is missing, unreadable or does not match the configuration."""
+
+
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError,
+                zipfile.BadZipFile)
+
+
+@contextlib.contextmanager
+def _reading(what, extra: tuple = ()):
+    """Turn a failure to read a data file (truncated, corrupt, wrong format) into a
+    ``DataError`` that names it (``what``: a path, or a path and key)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (*_READ_ERRORS, *extra) as err:
+        detail = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        raise DataError(f"cannot read {what}: {type(err).__name__}"
+                        + (f": {detail}" if detail else "")) from None
 
 
 # --------------------------------------------------------------------- values
@@ -312,7 +334,7 @@ def _first_existing(paths: Sequence[Path]) -> Path | None:
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format), optionally gzipped, as a uint8 array."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with _reading(path), opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes")
@@ -346,11 +368,12 @@ def _cifar10(config, split):
         raise _missing(config, root, f"missing {', '.join(missing)} in {folder}")
     images, labels = [], []
     for n in names:
-        with open(folder / n, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        data = np.asarray(batch.get(b"data", batch.get("data")), dtype=np.uint8)
-        images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch.get(b"labels", batch.get("labels", [])), dtype=np.int64))
+        with _reading(folder / n, extra=(AttributeError, TypeError)):
+            with open(folder / n, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            data = np.asarray(batch.get(b"data", batch.get("data")), dtype=np.uint8)
+            images.append(data.reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch.get(b"labels", batch.get("labels", [])), dtype=np.int64))
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -366,7 +389,7 @@ def _imagenet32(config, split):
         raise _missing(config, root, f"missing {', '.join(missing)}")
     images, labels = [], []
     for path in found:
-        with np.load(path) as npz:
+        with _reading(path), np.load(path) as npz:
             data = npz["data"]
             if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
                 raise DataError(f"{path}: 'data' should be uint8 rows of 3072 = 3x32x32 values, "
@@ -438,6 +461,8 @@ def open_image(data, where: str) -> Image.Image:
         image.load()
         return image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        if isinstance(err, UnidentifiedImageError):  # PIL's message repeats the path or a repr
+            err = "not an image file, or a corrupt one"
         raise DataError(f"cannot read image {where}: {err}") from None
 
 
@@ -540,12 +565,14 @@ class LMDBImages:
     """Images in an LMDB, read through ``lmdb_reader`` (only the path pickles to workers)."""
 
     def __init__(self, path: Path, prepare: Prepare):
+        import lmdb
         self.path, self.prepare = str(path), prepare
-        env = lmdb_reader(self.path)
-        with env.begin() as txn:
-            length = txn.get(LMDB_LENGTH_KEY)
-        self.nvae_keys = length is None  # NVAE's layout: keys str(i), no length key
-        self.length = env.stat()["entries"] if length is None else int(length)
+        with _reading(f"LMDB {self.path}", extra=(lmdb.Error,)):
+            env = lmdb_reader(self.path)
+            with env.begin() as txn:
+                length = txn.get(LMDB_LENGTH_KEY)
+            self.nvae_keys = length is None  # NVAE's layout: keys str(i), no length key
+            self.length = env.stat()["entries"] if length is None else int(length)
 
     def __len__(self) -> int:
         return self.length
@@ -556,10 +583,12 @@ class LMDBImages:
     def __getitem__(self, index: int) -> np.ndarray:
         if not 0 <= index < self.length:
             raise IndexError(index)
+        import lmdb
         key = self.key(index)
-        with lmdb_reader(self.path).begin() as txn:
-            value = txn.get(key)
         where = f"{self.path} key {key.decode()}"
+        with _reading(where, extra=(lmdb.Error,)):
+            with lmdb_reader(self.path).begin() as txn:
+                value = txn.get(key)
         return self.prepare(decode_value(value, where), where)
 
 
@@ -592,10 +621,12 @@ def _split_images(config, split, *, folders: bool = True, lmdb_resize: bool = Fa
 
 def _celeba_partition(folder: Path) -> dict[str, int]:
     partition = {}
-    for line in (folder / "list_eval_partition.txt").read_text().split("\n"):
-        if line.strip():
-            name, part = line.split()[:2]
-            partition[name] = int(part)
+    path = folder / "list_eval_partition.txt"
+    with _reading(path):
+        for line in path.read_text().split("\n"):
+            if line.strip():
+                name, part = line.split()[:2]
+                partition[name] = int(part)
     return partition
 
 

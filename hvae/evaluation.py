@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -27,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hvae import objectives
+from hvae.errors import HvaeError
 from hvae.objectives import bits_per_dim  # noqa: F401  (re-exported: evaluation reports bits/dim)
 from hvae.runtime import autocast
 
@@ -36,7 +38,7 @@ FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ------------------------------------------------------------------ helpers --
-class EvaluationError(ValueError):
+class EvaluationError(HvaeError, ValueError):
     """A request that cannot be evaluated (bad latents file, empty data ...)."""
 
 
@@ -45,14 +47,28 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def parse_temperature(text: str | float | Sequence[float]) -> Temperature:
-    """'0.7' -> 0.7; '1,0.9,0.8' -> [1.0, 0.9, 0.8] (one value per latent group)."""
+    """'0.7' -> 0.7; '1,0.9,0.8' -> [1.0, 0.9, 0.8] (one value per latent group).
+
+    Every value must be a finite number >= 0 (``EvaluationError`` otherwise): t scales
+    the prior's sigma, so nan gives black images and a negative t is meaningless."""
+    def check(value) -> float:
+        try:
+            t = float(value)
+        except (TypeError, ValueError):
+            t = math.nan
+        if not (math.isfinite(t) and t >= 0):
+            where = f" (in {text!r})" if isinstance(text, str) and "," in text else ""
+            raise EvaluationError(f"temperature {str(value).strip()!r}{where} is not allowed: "
+                                  "a finite number >= 0")
+        return t
+
     if isinstance(text, (int, float)):
-        return float(text)
+        return check(text)
     if not isinstance(text, str):
-        return [float(v) for v in text]
-    values = [float(v) for v in text.split(",") if v.strip()]
+        return [check(v) for v in text]
+    values = [check(v) for v in text.split(",") if v.strip()]
     if not values:
-        raise ValueError(f"temperature {text!r} has no value")
+        raise EvaluationError(f"temperature {text!r} has no value")
     return values[0] if len(values) == 1 and "," not in text else values
 
 
@@ -362,15 +378,52 @@ def save_latents(path: str | os.PathLike, latents: Sequence[np.ndarray]) -> str:
     return str(path)
 
 
-def load_latents(path: str | os.PathLike) -> list[np.ndarray]:
-    """Read a ``save_latents`` file; the groups must be a prefix group_00..group_{k-1}."""
-    with np.load(path) as f:
-        keys = sorted(k for k in f.files if k.startswith("group_"))
-        expected = [f"group_{g:02d}" for g in range(len(keys))]
-        if not keys or keys != expected:
-            raise EvaluationError(f"{path}: expected arrays {expected or ['group_00', '...']} "
-                                  f"(a prefix of the groups, top first), found {sorted(f.files)}")
-        return [f[k] for k in keys]
+def load_latents(path: str | os.PathLike,
+                 shapes: Sequence[Sequence[int]] | None = None) -> list[np.ndarray]:
+    """Read a ``save_latents`` file; the groups must be a prefix group_00..group_{k-1}.
+
+    With ``shapes`` (the model's per-group latent shapes, ``model.latent_shapes``) the
+    arrays are checked against the model: at most one per group, each [N, *shape] with
+    the same N >= 1 and finite values.  ``EvaluationError`` says what is wrong."""
+    if not Path(path).is_file():
+        raise EvaluationError(f"latents file {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise EvaluationError(f"latents file {str(path)!r} is not an .npz archive (expected "
+                              "the file written by --mode encode)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = sorted(k for k in f.files if k.startswith("group_"))
+            expected = [f"group_{g:02d}" for g in range(len(keys))]
+            if not keys or keys != expected:
+                raise EvaluationError(f"{path}: expected arrays {expected or ['group_00', '...']} "
+                                      f"(a prefix of the groups, top first), found {sorted(f.files)}")
+            latents = [f[k] for k in keys]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as err:
+        if isinstance(err, EvaluationError):
+            raise
+        raise EvaluationError(f"cannot read latents file {str(path)!r}: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__} "
+                              "(expected an .npz written by --mode encode)") from None
+    if shapes is not None:
+        _check_latents(path, latents, shapes)
+    return latents
+
+
+def _check_latents(path, latents: Sequence[np.ndarray], shapes: Sequence[Sequence[int]]) -> None:
+    if len(latents) > len(shapes):
+        raise EvaluationError(f"{path}: {len(latents)} latent groups, but the model has "
+                              f"{len(shapes)}")
+    num = latents[0].shape[0] if latents[0].ndim else 0
+    for g, (z, shape) in enumerate(zip(latents, shapes)):
+        want = [num, *shape]
+        if list(z.shape) != want or not np.issubdtype(z.dtype, np.floating):
+            raise EvaluationError(f"{path}: group_{g:02d} is {z.dtype} {list(z.shape)}, the "
+                                  f"model needs floats of shape {want} ([N, L, h, w], the same "
+                                  "N in every group)")
+        if not np.isfinite(z).all():
+            raise EvaluationError(f"{path}: group_{g:02d} holds non-finite values (nan or inf)")
+    if num < 1:
+        raise EvaluationError(f"{path}: the latents hold no images (N = 0)")
 
 
 @torch.no_grad()
@@ -390,7 +443,7 @@ def decode_latents(model: nn.Module, latents: Sequence[np.ndarray | torch.Tensor
 
 
 # ------------------------------------------------------------------ FID -----
-class FIDWeightsError(FileNotFoundError):
+class FIDWeightsError(HvaeError, FileNotFoundError):
     """The Inception weights file for FID is not given or not there."""
 
 

@@ -32,6 +32,7 @@ from hvae import evaluation as ev
 from hvae import objectives
 from hvae.checkpoint import Checkpointer
 from hvae.config import Config
+from hvae.errors import HvaeError
 from hvae.logger import MetricsLogger, to_host
 from hvae.model import NVAE
 from hvae.runtime import Interrupted, Runtime, StopSignals, init_runtime, seed_everything
@@ -58,7 +59,7 @@ class SkipBatches(torch.utils.data.Sampler):
         return max(len(self.sampler) - self.skip, 0)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(HvaeError, RuntimeError):
     """The weights became non-finite: the run cannot continue from here."""
 
 

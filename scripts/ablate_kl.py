@@ -51,7 +51,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hvae.config import Config, ConfigError, parse_args  # noqa: E402
+from hvae import cli  # noqa: E402
+from hvae.config import Config, parse_args  # noqa: E402
+
+PROG = "ablate_kl.py"
 
 # name -> Config overrides applied on top of the base recipe.  Add a line to add a variant.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -74,12 +77,13 @@ SCALARS = ["test_nelbo", "iw_nll_nats", "iw_nll_bpd", "test_kl", "active_units_t
 
 # ------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
     parser.add_argument("--variants", default="all", help="comma-separated names (default: all)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per variant: seed, seed+1, ...")
-    parser.add_argument("--budget-minutes", type=float, default=None,
+    parser.add_argument("--seeds", type=cli.integer(1), default=1,
+                        help="seeds per variant: seed, seed+1, ...")
+    parser.add_argument("--budget-minutes", type=cli.finite_float(0, above=True), default=None,
                         help="training minutes of one run, turned into a shared step count")
     parser.add_argument("--gpus", default="", help="e.g. 0,1,2,3: one worker process per GPU")
     parser.add_argument("--device", default=None,
@@ -99,8 +103,8 @@ def select_variants(text: str) -> list[str]:
     names = list(VARIANTS) if text == "all" else [v.strip() for v in text.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise SystemExit(f"error: unknown variant(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(VARIANTS)}")
+        raise cli.UsageError(f"--variants: unknown variant(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(VARIANTS)}")
     return names
 
 
@@ -166,8 +170,8 @@ def load_or_make_sweep(sweep_dir: Path, requested: Config, minutes: float | None
                    if now.get(k) != v and k != "out"}
         if changed:
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise SystemExit(f"error: {sweep_dir} holds a sweep with other settings ({diff}); "
-                             "use another --out to start a new sweep")
+            raise cli.UsageError(f"{sweep_dir} holds a sweep with other settings ({diff}); "
+                                 "use another --out to start a new sweep")
         print(f"sweep {sweep_dir}: reusing {sweep['steps']} steps per run from sweep.json", flush=True)
         return sweep
     if requested.max_steps:
@@ -179,7 +183,7 @@ def load_or_make_sweep(sweep_dir: Path, requested: Config, minutes: float | None
         budget = {**calibrate(requested.replace(**VARIANTS["full"]), minutes, device),
                   "source": "calibrated", "budget_minutes": minutes}
     else:
-        raise SystemExit("error: give --budget-minutes M or --max-steps N")
+        raise cli.UsageError("give --budget-minutes M or --max-steps N")
     base = with_steps(requested, budget["steps"], budget["steps_per_epoch"])
     sweep = {**budget, "requested": requested.to_dict(), "base": base.to_dict()}
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -425,6 +429,7 @@ def plan_runs(base: Config, variants: list[str], seeds: list[int],
     return [(v, s) for v in keep for s in seeds]
 
 
+@cli.entry_point(PROG)  # bad input (arguments, config, data ...): one line, exit code 2
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv, build_parser())
     if args.list:
@@ -437,15 +442,12 @@ def main(argv: list[str] | None = None) -> int:
         run_one(sweep_dir, sweep, variant, int(seed), args.device, not args.no_progress)
         return 0
     variants = select_variants(args.variants)
-    if args.seeds < 1:
-        raise SystemExit("error: --seeds must be at least 1")
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    if not gpus:  # runs in this process: the device must exist here (workers check their own)
+        args.device = cli.parse_device(args.device)
     calib_device = args.device or (f"cuda:{gpus[0]}" if gpus else None)
-    try:
-        sweep = load_or_make_sweep(sweep_dir, config, args.budget_minutes, calib_device)
-        base = Config.from_dict(sweep["base"])
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    sweep = load_or_make_sweep(sweep_dir, config, args.budget_minutes, calib_device)
+    base = Config.from_dict(sweep["base"])
     seeds = [config.seed + i for i in range(args.seeds)]
     plan = plan_runs(base, variants, seeds, explicit=args.variants != "all")
     todo = []

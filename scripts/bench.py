@@ -26,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hvae import cli  # noqa: E402
 from hvae.config import parse_args  # noqa: E402
 from hvae.runtime import Runtime  # noqa: E402
 from hvae.training import Trainer  # noqa: E402
@@ -75,14 +76,17 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+@cli.entry_point("bench.py")  # bad input (arguments, config, device): one line, exit code 2
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--num-samples", type=int, default=16)
+    parser = cli.ArgumentParser(prog="bench.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=cli.integer(1), default=10,
+                        help="timed steps after warm-up")
+    parser.add_argument("--warmup", type=cli.integer(0), default=3)
+    parser.add_argument("--threads", type=cli.integer(0), default=0,
+                        help="torch CPU threads (0: default)")
+    parser.add_argument("--device", default=None, type=cli.DEVICE)
+    parser.add_argument("--num-samples", type=cli.integer(1), default=16)
     config, args = parse_args(argv, parser)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -22,20 +22,22 @@ import numpy as np
 from tqdm import tqdm
 
 try:
-    from hvae import data
+    from hvae import cli, data
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hvae import data
+    from hvae import cli, data
 
+PROG = "make_lmdb.py"
 CHUNK = 1000  # images per write transaction
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--dst", required=True, help="output folder; gets train/ and test/")
-    parser.add_argument("--size", type=int, default=0,
-                        help="resize the shorter side to N and centre-crop N x N (0: keep)")
+    parser.add_argument("--size", type=cli.integer(1), default=None,
+                        help="resize the shorter side to N and centre-crop N x N "
+                             "(default: keep the size)")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--test-fraction", "--test_fraction", type=float, default=data.TEST_FRACTION,
                      help="share of the sorted images (the last ones) that form the test split")
@@ -43,14 +45,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="use the SRC/train and SRC/test folders as the two splits")
     parser.add_argument("--format", choices=("png", "raw"), default="png",
                         help="png (lossless, compact) or raw uint8 with a shape header (fast)")
-    parser.add_argument("--workers", type=int, default=1, help="processes encoding images")
+    parser.add_argument("--workers", type=cli.integer(1), default=1,
+                        help="processes encoding images")
     args = parser.parse_args(argv)
     if not 0 <= args.test_fraction < 1:
-        parser.error("--test-fraction must be in [0, 1)")
+        parser.error(f"argument --test-fraction: {args.test_fraction} is not allowed: "
+                     "a number in [0, 1)")
     return args
 
 
-def encode(path: Path, size: int, fmt: str) -> bytes:
+def encode(path: Path, size: int | None, fmt: str) -> bytes:
     """One image file as an LMDB value (greyscale kept as 1 channel, else RGB)."""
     image = data.open_image(str(path), str(path))
     image = image.convert("L" if image.mode in ("1", "L", "LA", "La") else "RGB")
@@ -63,7 +67,7 @@ def encode(path: Path, size: int, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_lmdb(dst: Path, files: list[Path], *, size: int, fmt: str, workers: int) -> int:
+def write_lmdb(dst: Path, files: list[Path], *, size: int | None, fmt: str, workers: int) -> int:
     """Write ``files`` to a new LMDB at ``dst``; returns the number of images."""
     dst.mkdir(parents=True, exist_ok=True)
     env = data.open_lmdb(dst, write=True)
@@ -80,6 +84,10 @@ def write_lmdb(dst: Path, files: list[Path], *, size: int, fmt: str, workers: in
         txn.put(data.LMDB_LENGTH_KEY, str(len(files)).encode())
         txn.commit()
         env.sync()
+    except BaseException:
+        if pool:
+            pool.terminate()
+        raise
     finally:
         if pool:
             pool.close()
@@ -87,11 +95,13 @@ def write_lmdb(dst: Path, files: list[Path], *, size: int, fmt: str, workers: in
     return len(files)
 
 
+@cli.entry_point(PROG)  # bad input (arguments, unreadable images): one line, exit code 2
 def main(argv=None) -> int:
     args = parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
-        raise SystemExit(f"--src {src} is not a folder")
+        raise cli.UsageError(f"--src {str(src)!r} is not a folder")
+    cli.check_output_dir(dst, "--dst")
     if args.split:
         splits = {s: data.list_images(src / s) for s in data.SPLITS}
     else:
@@ -99,13 +109,23 @@ def main(argv=None) -> int:
         splits = {s: data.split_files(files, s, args.test_fraction) for s in data.SPLITS}
     for split, files in splits.items():
         if not files:
-            raise SystemExit(f"no {split} images found under {src} "
-                             f"({', '.join(data.IMAGE_EXTENSIONS)})")
+            where = src / split if args.split else src
+            raise cli.UsageError(f"--src: no {split} images found under {str(where)!r} "
+                                 f"({', '.join(data.IMAGE_EXTENSIONS)})")
+        cli.check_output_dir(dst / split, "--dst")
         if (dst / split / "data.mdb").exists():
-            raise SystemExit(f"{dst / split} already holds an LMDB; remove it first")
-    for split, files in splits.items():
-        write_lmdb(dst / split, files, size=args.size, fmt=args.format, workers=args.workers)
-        print(f"{split}: {len(files)} images -> {dst / split}")
+            raise cli.UsageError(f"--dst: {dst / split} already holds an LMDB; remove it first")
+    written = []
+    try:
+        for split, files in splits.items():
+            written.append(dst / split)
+            write_lmdb(dst / split, files, size=args.size, fmt=args.format, workers=args.workers)
+            print(f"{split}: {len(files)} images -> {dst / split}")
+    except BaseException:  # e.g. an unreadable image (DataError naming it): remove what this
+        for folder in written:  # run wrote, so that the same command can simply be rerun
+            for name in ("data.mdb", "lock.mdb"):
+                (folder / name).unlink(missing_ok=True)
+        raise
     return 0
 
 

@@ -108,15 +108,18 @@ def test_seeds_give_mean_and_std(ablate, tmp_path, monkeypatch):
     assert "±" in (tmp_path / "results.md").read_text()
 
 
-def test_budget_is_fixed_by_the_first_invocation(ablate, tmp_path, monkeypatch):
+def test_budget_is_fixed_by_the_first_invocation(ablate, tmp_path, monkeypatch, capsys):
     import hvae.training
     monkeypatch.setattr(hvae.training, "train", fake_train([]))
     argv = ["--variants", "full", "--max-steps", "5", "--out", str(tmp_path)] + TINY
     assert ablate.main(argv) == 0
-    with pytest.raises(SystemExit, match="other settings"):
-        ablate.main(argv[:3] + ["6"] + argv[4:])
-    with pytest.raises(SystemExit, match="--budget-minutes"):
-        ablate.main(["--out", str(tmp_path / "new")] + TINY)
+    capsys.readouterr()
+    for bad, needle in ((argv[:3] + ["6"] + argv[4:], "other settings"),
+                        (["--out", str(tmp_path / "new")] + TINY, "--budget-minutes")):
+        with pytest.raises(SystemExit) as exc:  # one line on stderr, exit code 2
+            ablate.main(bad)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("ablate_kl.py: error: ") and needle in err
 
 
 def test_calibration_turns_minutes_into_steps(ablate, monkeypatch):

@@ -1,6 +1,7 @@
 """hvae.data: every on-disk format through the real code, with tiny files written here."""
 import gzip
 import importlib.util
+import io
 import pickle
 import struct
 from pathlib import Path
@@ -310,6 +311,41 @@ def test_missing_data_names_dataset_path_and_files(tmp_path):
         build_dataset(preset("cifar10", dataset="lmdb", data=str(tmp_path)), "train")
     with pytest.raises(DataError, match=r"'ffhq256' needs --data DIR"):
         build_dataset(preset("ffhq256"), "train")
+
+
+def test_corrupt_files_are_named(tmp_path):
+    """Unreadable data files and items give a DataError naming the file (or LMDB key)."""
+    make_mnist(tmp_path / "mnist", gz=True)
+    gz = tmp_path / "mnist" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:40])
+    with pytest.raises(DataError, match=r"cannot read .*train-images-idx3-ubyte\.gz"):
+        build_dataset(preset("mnist", data=str(tmp_path / "mnist")), "train")
+    make_cifar(tmp_path / "cifar")
+    (tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"cannot read .*data_batch_3"):
+        build_dataset(preset("cifar10", data=str(tmp_path / "cifar")), "train")
+    (tmp_path / "inet").mkdir()
+    (tmp_path / "inet" / "val_data.npz").write_bytes(b"PK garbage")
+    with pytest.raises(DataError, match=r"cannot read .*val_data\.npz"):
+        build_dataset(preset("imagenet32", data=str(tmp_path / "inet")), "test")
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(png, format="PNG")
+    for split in ("train", "test"):
+        (tmp_path / "db" / split).mkdir(parents=True)
+        env = data.open_lmdb(tmp_path / "db" / split, write=True, map_size=1 << 24)
+        with env.begin(write=True) as txn:
+            txn.put(data.lmdb_key(0), png.getvalue())
+            txn.put(data.lmdb_key(1), png.getvalue()[:30])  # a truncated PNG
+            txn.put(data.LMDB_LENGTH_KEY, b"2")
+        env.close()
+    ds = build_dataset(preset("cifar10", dataset="lmdb", data=str(tmp_path / "db")), "test")
+    with pytest.raises(DataError, match=r"test key 00000001"):
+        ds[1]
+    for split in ("train", "test"):
+        (tmp_path / "junk" / split).mkdir(parents=True)
+        (tmp_path / "junk" / split / "data.mdb").write_bytes(b"not an lmdb" * 1000)
+    with pytest.raises(DataError, match=r"cannot read LMDB .*junk"):
+        build_dataset(preset("cifar10", dataset="lmdb", data=str(tmp_path / "junk")), "train")
 
 
 def test_shape_mismatch_is_explained(tmp_path):

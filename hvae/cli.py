@@ -1,0 +1,185 @@
+"""What every command-line entry point shares: one-line errors and argument checks.
+
+Bad input ends a command with ONE line on stderr, ``prog: error: message``, and exit
+code 2 (argparse's convention), never a traceback; a traceback means a bug.
+
+    parser = cli.ArgumentParser(prog="evaluate.py")     # one-line usage errors
+    parser.add_argument("--num", type=cli.integer(1))
+    parser.add_argument("--device", type=cli.DEVICE)
+
+    @cli.entry_point("evaluate.py")                       # HvaeError -> one line, exit 2
+    def main(argv=None): ...
+
+Checks that need more than one argument raise ``UsageError`` after parsing.  Nothing
+here imports torch at module level, so argument errors stay instant.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+from hvae.errors import HvaeError
+
+EXIT_USAGE = 2
+
+
+class UsageError(HvaeError, ValueError):
+    """A command-line value, or combination of values, that is not allowed."""
+
+
+# ------------------------------------------------------------------ reporting
+def one_line(message: object) -> str:
+    """``message`` as one line.  An error re-raised by a DataLoader worker carries the
+    worker's whole traceback in its message: only its last line (the original message)
+    is kept."""
+    text = str(message)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        name, _, rest = lines[-1].partition(": ")
+        lines = [rest if rest and name.rsplit(".", 1)[-1].isidentifier() else lines[-1]]
+    return "; ".join(lines) or type(message).__name__
+
+
+def fail(prog: str, message: object) -> NoReturn:
+    """Print ``prog: error: message`` (one line) on stderr and exit with code 2."""
+    sys.stderr.flush()
+    sys.stderr.write(f"{prog}: error: {one_line(message)}\n")
+    sys.stderr.flush()
+    raise SystemExit(EXIT_USAGE)
+
+
+def entry_point(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate ``main(argv=None)``: the project's own errors (``HvaeError``) end the
+    command with one line and exit code 2; anything else propagates with its traceback."""
+    def decorate(main: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(main)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return main(*args, **kwargs)
+            except HvaeError as err:
+                fail(prog, err)
+        return wrapped
+    return decorate
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``prog: error: message`` (no usage dump: a
+    usage line of every config flag would bury the message), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(self.prog, message)
+
+
+# ------------------------------------------------------------ argument types
+def argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` from a parser that raises ``ValueError`` with a good message:
+    argparse then reports that message (it would replace a plain ValueError's)."""
+    @functools.wraps(parse)
+    def wrapped(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return wrapped
+
+
+def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse ``type``: an integer >= ``minimum`` (and <= ``maximum``); counts use 1,
+    options where 0 means "all" or "none" use 0."""
+    allowed = (f"an integer >= {minimum}" if maximum is None
+               else f"an integer from {minimum} to {maximum}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: {allowed}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: {allowed}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def finite_float(minimum: float | None = None, *, above: bool = False) -> Callable[[str], float]:
+    """argparse ``type``: a finite number, >= ``minimum`` (> with ``above``) when given."""
+    allowed = "a finite number" + ("" if minimum is None else
+                                   f" {'>' if above else '>='} {minimum:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: {allowed}") from None
+        ok = value == value and abs(value) != float("inf")
+        if ok and minimum is not None:
+            ok = value > minimum if above else value >= minimum
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: {allowed}")
+        return value
+    return parse
+
+
+def parse_device(text: str | None) -> str | None:
+    """``--device`` text checked against this machine: its canonical name ("cpu",
+    "cuda:1" ...), or None (automatic choice) for None / "".  ``UsageError`` for a
+    name torch does not know, or a device this machine does not have."""
+    if text is None or not str(text).strip():
+        return None
+    import torch
+
+    text = str(text).strip()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"{text!r} is not a device: cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return str(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{text!r} is not available: this machine has no usable CUDA GPU "
+                             f"(torch.cuda.is_available() is False); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"{text!r} does not exist: this machine has {count} CUDA "
+                             f"device(s), cuda:0 to cuda:{count - 1}")
+        return str(device)
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"{text!r} is not available on this machine; use --device cpu")
+        return str(device)
+    raise UsageError(f"{text!r} is not supported: cpu, cuda, cuda:N or mps")
+
+
+DEVICE = argtype(parse_device)  # argparse type for --device
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """A folder that exists or can be created: not an existing file, no file on the way,
+    writable.  Returns it as a Path; ``UsageError`` naming ``flag`` otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} is an existing file, not a folder: give a "
+                         "folder (it is created when missing)")
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {str(path)!r}: {str(parent)!r} is not writable")
+    return path
+
+
+def check_input_file(path: str | os.PathLike, flag: str) -> Path:
+    """An existing file (not a folder); ``UsageError`` naming ``flag`` otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} is a folder, not a file")
+    if not path.is_file():
+        raise UsageError(f"{flag} {str(path)!r}: no such file")
+    return path
