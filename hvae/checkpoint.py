@@ -96,6 +96,10 @@ def saved_config(path: str | os.PathLike) -> dict[str, Any]:
     return load_checkpoint(path)["config"]
 
 
+TRAINING_KEYS = ("model", "optimizer", "spectral", "grad_skip", "rng", "step", "data_position",
+                 "best")
+
+
 class Checkpointer:
     """Writes and restores the complete state of a training run (see the module docstring).
 
@@ -130,6 +134,11 @@ class Checkpointer:
         """Load ``path`` into ``run``; rank 0 restores the RNG states, other ranks
         reseed reproducibly (their noise streams differ from rank 0's anyway)."""
         state = load_checkpoint(path, map_location=run.runtime.device)
+        missing = [k for k in TRAINING_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint {str(path)!r} cannot resume training: it lacks "
+                                  f"{', '.join(missing)} (weights only? evaluate it with "
+                                  "evaluate.py, or start a new run)")
         try:
             run.model.load_state_dict(state["model"])
             if run.ema is not None and state.get("ema") is not None:

@@ -388,6 +388,36 @@ def test_diverged_weights_stop_the_run_and_are_never_saved(tmp_path):
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_weights_only_checkpoint_cannot_resume_and_says_why(tmp_path):
+    from hvae.checkpoint import CheckpointError, save_checkpoint
+    cfg = tiny(tmp_path)
+    path = tmp_path / "weights.pt"
+    save_checkpoint(path, {"config": cfg.to_dict(), "model": {}})
+    with pytest.raises(CheckpointError, match="cannot resume training: it lacks optimizer"):
+        Trainer(cfg, Runtime(), progress=False, resume=path)
+
+
+def test_corrupt_item_met_in_training_saves_then_names_it(tmp_path, digit_folder):
+    import shutil
+    from hvae.data import DataError
+    folder = tmp_path / "digits"
+    shutil.copytree(digit_folder, folder)
+    cfg = folder_config(tmp_path, folder, max_steps=4, checkpoint_every=1000, eval_every=100)
+    trainer = Trainer(cfg, Runtime(), progress=False)  # the files are sound when it starts
+    sampler, batch = trainer.train_loader.sampler, cfg.batch_size
+    seen = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        seen.append(list(sampler)[: 2 * batch])
+    # an image of the second epoch's first batch that the first epoch did not use
+    index = next(i for i in seen[1][:batch] if i not in seen[0])
+    bad = sorted(folder.iterdir())[index]
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=bad.name):
+        trainer.fit()
+    assert load_checkpoint(Path(cfg.out) / cfg.run_name / "checkpoint.pt")["step"] == 2
+
+
 def test_stale_temporary_files_are_removed_on_the_next_save(tmp_path):
     from hvae.checkpoint import save_checkpoint
     stale = tmp_path / ".checkpoint.pt.abc123.tmp"
