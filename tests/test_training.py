@@ -167,12 +167,15 @@ def test_nan_batch_is_skipped_counted_and_leaves_no_trace(tmp_path):
     trainer = Trainer(cfg, Runtime(), progress=False)
     trainer.train_step(bernoulli_batch(seed=0))
     before = copy.deepcopy(trainer.model.state_dict())
+    spectral_before = copy.deepcopy(trainer.spectral.state_dict())
     bad = bernoulli_batch(seed=1)
     bad[0, 0, 5, 5] = float("nan")
     metrics = trainer.train_step(bad)
     assert metrics["skipped"] and int(metrics["skipped_total"]) == 1
     for key, value in trainer.model.state_dict().items():  # num_batches_tracked included
         assert torch.equal(value, before[key]), key
+    for key, value in trainer.spectral.state_dict().items():  # power-iteration vectors too
+        assert torch.equal(value, spectral_before[key]), key
     assert not trainer.train_step(bernoulli_batch(seed=2))["skipped"]
 
 
