@@ -88,6 +88,15 @@ class NVAEOutput:
     posteriors: list[Normal]            # q before the flows
     priors: list[Normal]
 
+    @property
+    def q_mu(self): return [q.mu for q in self.posteriors]          # posterior (before flows) mean per group, [B, L, h, w]
+    @property
+    def q_log_sigma(self): return [q.log_sigma for q in self.posteriors]
+    @property
+    def p_mu(self): return [p.mu for p in self.priors]
+    @property
+    def p_log_sigma(self): return [p.log_sigma for p in self.priors]
+
 
 class LatentGroup(nn.Module):
     """One latent group of the top-down pass: decoder cells, prior, posterior, combiner.
