@@ -101,8 +101,9 @@ def run(args: argparse.Namespace) -> dict:
         k = args.num_iw_samples or config.num_iw_samples
         loader = ev.shard_loader(config, "test", rank=rank, world_size=world,
                                  batch_size=batch, max_images=num)
-        result.update(ev.iw_log_likelihood(model, loader, k, args.iw_chunk, device, progress,
-                                            distributed=world > 1))
+        with ev.seeded(args.seed + rank, device):  # --seed fixes the importance samples too
+            result.update(ev.iw_log_likelihood(model, loader, k, args.iw_chunk, device, progress,
+                                                distributed=world > 1))
         return result
     if rank != 0:
         return {}
