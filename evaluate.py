@@ -127,8 +127,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.mode == "nll":
         k = args.num_iw_samples or config.num_iw_samples
         loader = split_loader(config, "test", batch, num, rank, world)
+        # --seed fixes the importance samples too (each rank its own stream)
         result.update(ev.iw_log_likelihood(model, loader, k, args.iw_chunk, device, progress,
-                                            distributed=world > 1))
+                                            distributed=world > 1, seed=args.seed + rank))
         return result
     if rank != 0:
         return {}

@@ -105,6 +105,12 @@ def test_normal_sample_moments_scale_with_t(t):
     assert abs(z.std().item() - 2.0 * t) < 0.02 * t
 
 
+def test_normal_sample_at_t0_is_the_mean():
+    mu, ls = torch.randn(1000), torch.randn(1000)
+    z = Normal(mu, ls).sample(0.0)
+    assert torch.equal(z, mu)  # t multiplies sigma: no division by t, no NaN
+
+
 def test_normal_sample_is_reparameterised():
     mu = torch.zeros(10, requires_grad=True)
     ls = torch.zeros(10, requires_grad=True)
@@ -264,16 +270,46 @@ def _is_on_centres(v, bits):
     return bool((v >= -1).all() and (v <= 1).all() and ((idx - idx.round()).abs() < 1e-4).all())
 
 
+def _dml_mode(params, channels, bits):
+    """The t = 0 value written out from the documented layout: the component with the
+    largest logit, its location per channel (RGB: plus the autoregressive terms of the
+    channels already decided), clamped to [-1, 1] and rounded to the nearest bin centre."""
+    b, _, h, w = params.shape
+    m = params.shape[1] // DiscMixLogistic.num_params(channels, 1)
+    k = 2 ** bits - 1
+    quantise = lambda v: torch.round((v.clamp(-1, 1) + 1) * k / 2) * 2 / k - 1  # noqa: E731
+    best = params[:, :m].argmax(dim=1, keepdim=True)                             # [B,1,H,W]
+    pick = lambda block, c: block[:, c * m:(c + 1) * m].gather(1, best)[:, 0]   # noqa: E731
+    means = params[:, m:m + channels * m]
+    coeffs = torch.tanh(params[:, m + 2 * channels * m:]) if channels == 3 else None
+    out = []
+    for c in range(channels):
+        loc = pick(means, c)
+        if c == 1:
+            loc = loc + pick(coeffs, 0) * out[0]
+        elif c == 2:
+            loc = loc + pick(coeffs, 1) * out[0] + pick(coeffs, 2) * out[1]
+        out.append(quantise(loc))
+    return torch.stack(out, dim=1)
+
+
 @pytest.mark.parametrize("channels,bits", [(1, 1), (1, 5), (3, 8), (3, 3)])
 def test_dml_sample_and_mean_on_bin_centres(channels, bits):
+    """Samples and means lie on bin centres; t = 0 gives the mode (no division by t);
+    lower temperatures stay closer to it."""
     m = 4
-    p = torch.randn(2, DiscMixLogistic.num_params(channels, m), 8, 8) * 3
+    p = torch.randn(16, DiscMixLogistic.num_params(channels, m), 8, 8) * 3
     d = DiscMixLogistic(p, bits, channels=channels)
-    for t in (1.0, 0.6, 0.0):
-        s = d.sample(t)
-        assert s.shape == (2, channels, 8, 8) and _is_on_centres(s, bits)
+    samples = {}
+    for t in (1.0, 0.3, 0.0):
+        samples[t] = s = d.sample(t)
+        assert s.shape == (16, channels, 8, 8) and _is_on_centres(s, bits)
+    torch.testing.assert_close(samples[0.0], _dml_mode(p, channels, bits), rtol=0, atol=1e-5)
+    assert torch.equal(d.sample(0.0), samples[0.0])  # no noise left at t = 0
+    spread = [(samples[t] - samples[0.0]).abs().mean().item() for t in (0.3, 1.0)]
+    assert 0 < spread[0] < spread[1], spread
     mean = d.mean()
-    assert mean.shape == (2, channels, 8, 8) and _is_on_centres(mean, bits)
+    assert mean.shape == (16, channels, 8, 8) and _is_on_centres(mean, bits)
 
 
 def test_dml_mean_of_sharp_component_and_far_means():

@@ -12,9 +12,12 @@ import torch.nn as nn
 
 from hvae.distributions import Normal
 from hvae.config import PRESETS, preset
+from hvae.distributions import Normal
 from hvae.model import NVAE, NVAEOutput
 from hvae.model.cells import Conv2d, bn_act_conv, batch_norm
 from hvae.model.flows import IAFCell
+from latent_probes import (combiner_latents, jacobian_log_det, normal_log_density, per_image,
+                           priors_given, record_inputs, standardised)
 
 TINY = dict(num_channels_enc=8, num_channels_dec=8, num_latent_per_group=4,
             num_groups_per_scale=2, batch_size=4)
@@ -148,22 +151,17 @@ def test_fused_bn_act_conv_matches_plain_path():
 
 
 # ---------------------------------------------------------------- the KL --
-def _normals(out):
-    """(posterior, prior) Normals per group, built from the output's tensors."""
-    return [(Normal(qm, qs), Normal(pm, ps)) for qm, qs, pm, ps in
-            zip(out.q_mu, out.q_log_sigma, out.p_mu, out.p_log_sigma)]
-
-
-def _closed_form_kl(q, p):
-    mq, sq, mp, sp = q.mu.double(), q.sigma.double(), p.mu.double(), p.sigma.double()
+def _closed_form_kl(mq, log_sq, mp, log_sp):
+    mq, sq, mp, sp = mq.double(), log_sq.double().exp(), mp.double(), log_sp.double().exp()
     return (torch.log(sp / sq) + (sq ** 2 + (mq - mp) ** 2) / (2 * sp ** 2) - 0.5).sum(dim=(2, 3))
 
 
 def test_kl_matches_closed_form():
     model = make(num_groups_per_scale=3)
     out = model(data(model))
-    for (q, p), kl, kl_c in zip(_normals(out), out.kl, out.kl_per_channel):
-        expected = _closed_form_kl(q, p)
+    for mq, sq, mp, sp, kl, kl_c in zip(out.q_mu, out.q_log_sigma, out.p_mu, out.p_log_sigma,
+                                        out.kl, out.kl_per_channel):
+        expected = _closed_form_kl(mq, sq, mp, sp)
         torch.testing.assert_close(kl_c.double(), expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(kl.double(), expected.sum(1), rtol=1e-4, atol=1e-3)
     # the top prior is N(0, 1); the others come from the decoder
@@ -171,19 +169,28 @@ def test_kl_matches_closed_form():
     assert not torch.all(out.p_mu[1] == 0)
 
 
-def test_monte_carlo_kl_is_log_q_minus_log_p():
-    for overrides, analytic in ((dict(), False), (dict(num_nf=1), True)):
-        model = make(**overrides)
-        out = model(data(model), analytic_kl=analytic)  # flows: always Monte Carlo
-        for kl, lq, lp in zip(out.kl, out.log_q, out.log_p):
-            torch.testing.assert_close(kl, lq - lp, rtol=1e-4, atol=1e-3)
-            assert kl.requires_grad
+def test_monte_carlo_kl_matches_independent_log_densities():
+    """kl_mc without flows: log q, log p and the KL against densities written out here."""
+    model = make()
+    out = model(data(model), analytic_kl=False)  # the caller's choice (the trainer: kl_mc)
+    for i, (z, kl, kl_c, lq, lp) in enumerate(zip(out.z, out.kl, out.kl_per_channel, out.log_q,
+                                                 out.log_p)):
+        log_q = normal_log_density(z, out.q_mu[i], out.q_log_sigma[i])
+        log_p = normal_log_density(z, out.p_mu[i], out.p_log_sigma[i])
+        torch.testing.assert_close(lq.double(), per_image(log_q), rtol=1e-5, atol=2e-3)
+        torch.testing.assert_close(lp.double(), per_image(log_p), rtol=1e-5, atol=2e-3)
+        torch.testing.assert_close(kl.double(), per_image(log_q - log_p), rtol=1e-5, atol=2e-3)
+        torch.testing.assert_close(kl_c.double(), (log_q - log_p).sum(dim=(2, 3)),
+                                   rtol=1e-5, atol=1e-3)
+        assert kl.requires_grad
 
 
 def test_log_q_and_log_p_values():
     model = make()
     out = model(data(model))
-    for (q, p), z, lq, lp in zip(_normals(out), out.z, out.log_q, out.log_p):
+    for i, (z, lq, lp) in enumerate(zip(out.z, out.log_q, out.log_p)):
+        q = Normal(out.q_mu[i], out.q_log_sigma[i])
+        p = Normal(out.p_mu[i], out.p_log_sigma[i])
         torch.testing.assert_close(lq, q.log_prob(z).sum(dim=(1, 2, 3)), rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(lp, p.log_prob(z).sum(dim=(1, 2, 3)), rtol=1e-4, atol=1e-3)
 
@@ -253,17 +260,55 @@ def test_flow_log_det_depends_on_context_and_starts_near_identity():
     assert (z1 - z).abs().mean() < 0.3 * z.abs().mean()  # near the identity at init
 
 
-def test_flow_log_det_enters_log_q():
-    model = make(num_nf=1)
-    out = model(data(model), use_mean=True)
-    for (q, _), z, lq in zip(_normals(out), out.z, out.log_q):
-        base = q.log_prob(q.mu).sum(dim=(1, 2, 3))  # log q0 at the mean, before the flows
-        assert not torch.allclose(z, q.mu)
-        assert not torch.allclose(lq, base)
+def _flow_model(name="cifar10", num_nf=1, **overrides):
+    """A tiny model (64 latent values per group) with flows moved away from their
+    near-identity initialisation (every flow parameter perturbed)."""
+    model = make(name, num_nf=num_nf, **overrides)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for group in model.groups:
+            for p in group.flow.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("use_mean", [False, True])
+def test_flow_log_q_is_base_density_minus_jacobian_log_det(use_mean):
+    """With flows, log q(z) = log N(z0; mu_q, sigma_q) - log|det dz/dz0| per group.
+
+    z0 and the flow's context are captured from outside (pre-hooks on each
+    group's flow); the log-det comes from the Jacobian of the flow over all of an
+    image's latent values (central differences in float64), not from the flow's
+    own log-det output; the densities are written out too.  A wrong sign (a
+    dropped) log-det moves log q by twice (once) the log-det, 10 to 20 nats here
+    against a tolerance of 5e-3.  Nothing beyond ``flow(z0, context) -> (z,
+    log_det)`` is assumed, so a volume-preserving flow passes with log-det 0.
+    """
+    model = _flow_model()
+    x = data(model, batch=2)
+    with torch.no_grad(), record_inputs([g.flow for g in model.groups]) as calls:
+        torch.manual_seed(3)
+        out = model(x, use_mean=use_mean)
+    for i, group in enumerate(model.groups):
+        (z0, context), = calls[i]
+        if use_mean:
+            torch.testing.assert_close(z0, out.q_mu[i])
+        z, _ = group.flow(z0, context)
+        torch.testing.assert_close(out.z[i], z)        # the model's z is the flow's output
+        assert not torch.allclose(out.z[i], z0, atol=1e-3)  # and the flow did something
+        log_det = jacobian_log_det(group.flow, z0, context)
+        base = per_image(normal_log_density(z0, out.q_mu[i], out.q_log_sigma[i]))
+        torch.testing.assert_close(out.log_q[i].double(), base - log_det, rtol=1e-5, atol=5e-3)
+        log_p = per_image(normal_log_density(out.z[i], out.p_mu[i], out.p_log_sigma[i]))
+        torch.testing.assert_close(out.log_p[i].double(), log_p, rtol=1e-5, atol=5e-3)
+        torch.testing.assert_close(out.kl[i].double(), base - log_det - log_p,
+                                   rtol=1e-5, atol=5e-3)
+    if not use_mean:
+        assert all(k.requires_grad for k in model(x).kl)
 
 
 # --------------------------------------------------- sampling and latents --
-def test_sample_shapes_ranges_and_temperatures():
+def test_sample_shapes_and_ranges():
     model = make("mnist").eval()
     for t in (1.0, 0.7, [0.5] * model.num_groups):
         x = model.sample(3, t=t)
@@ -289,20 +334,89 @@ def test_sampling_uses_no_encoder():
     assert not calls
 
 
-def test_encode_decode():
+@pytest.mark.parametrize("temps", [[1.0, 0.5, 0.0], [0.0, 1.0, 0.25], 0.6, 0.0])
+def test_sample_temperature_scales_each_groups_prior_sigma(temps):
+    """model.sample(n, t): group i's z = mu_p + t_i sigma_p eps, whatever the other groups' t.
+
+    The z each combiner receives is recorded; the priors those latents induce
+    are recomputed by a forward pass fed the same latents (teacher forcing).
+    The standardised residual (z - mu_p) / sigma_p must have standard deviation
+    t_i (exactly zero at t_i = 0, no division by t).  n values per group give a
+    relative standard error of 1 / sqrt(2 n) on a standard deviation: 0.8% at
+    n = 32 x 256 (the smallest group here), so 10% is over 10 standard errors.
+    """
+    model = make().eval()
+    per_group = [temps] * model.num_groups if isinstance(temps, float) else temps
+    torch.manual_seed(4)
+    with combiner_latents(model) as z:
+        images = model.sample(32, t=temps)
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    p_mu, p_log_sigma = priors_given(model, z)
+    for i, (r, t) in enumerate(zip(standardised(z, p_mu, p_log_sigma), per_group)):
+        assert torch.isfinite(r).all(), i
+        if t == 0:
+            torch.testing.assert_close(z[i], p_mu[i], rtol=0, atol=1e-5)
+        else:
+            assert abs(r.std().item() / t - 1) < 0.1, (i, t, r.std().item())
+            assert abs(r.mean().item()) < 5 * t / math.sqrt(r.numel()), (i, r.mean().item())
+
+
+def test_dml_output_temperature_shrinks_spread_around_the_t0_sample():
+    """output_t multiplies the pixel logistic's scales: at t = 0 the output is the same
+    for any noise (the most probable component's location, no NaN), and lower t stays
+    closer to it."""
+    model = make("cifar10").eval()
+    with torch.no_grad():
+        z = model.encode(data(model, batch=8), use_mean=True)
+        outs = {}
+        for t in (0.0, 0.3, 1.0):
+            torch.manual_seed(0)
+            outs[t] = model.decode(z, output="sample", output_t=t)
+        torch.manual_seed(1)
+        again = model.decode(z, output="sample", output_t=0.0)
+    assert torch.isfinite(outs[0.0]).all()
+    torch.testing.assert_close(again, outs[0.0], rtol=0, atol=0)
+    spread = [(outs[t] - outs[0.0]).abs().mean().item() for t in (0.3, 1.0)]
+    assert 0 < spread[0] < spread[1], spread
+
+
+def test_decode_of_encoded_latents_reproduces_the_forward_pass():
+    """decode(encode(x)) runs the top-down pass again from the latents alone: its output
+    distribution's mean equals the forward pass's, with and without flows (encode returns
+    the latents after the flows, which decode must not apply again)."""
+    for overrides in (dict(), dict(num_nf=1)):
+        model = make(**overrides).eval()
+        x = data(model)
+        with torch.no_grad():
+            z = model.encode(x, use_mean=True)
+            assert [tuple(v.shape[1:]) for v in z] == model.latent_shapes
+            expected = model(x, use_mean=True).likelihood.mean()
+            decoded = model.decode(z, output="mean")
+        assert decoded.shape == x.shape
+        torch.testing.assert_close(decoded, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        model.decode([])  # no latents and no batch size
+
+
+def test_decode_uses_given_groups_and_draws_the_rest_from_the_prior():
+    """decode(z[:1], t): group 0 is the given latent; group 1 is drawn from the prior
+    that latent induces (at t = 0 its mean, as the forward pass computes it)."""
     model = make().eval()
     x = data(model)
     with torch.no_grad():
-        z = model.encode(x, use_mean=True)
-        assert [tuple(v.shape[1:]) for v in z] == model.latent_shapes
-        a = model.decode(z, output="mean")
-        b = model.decode(model.encode(x, use_mean=True), output="mean")
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-        assert a.shape == x.shape
-        partial = model.decode(z[:2], t=0.5)
-        assert partial.shape == x.shape
-        with pytest.raises(ValueError):
-            model.decode([])  # no latents and no batch size
+        out = model(x, use_mean=True)
+        z = out.z
+        with combiner_latents(model) as seen:
+            model.decode(z[:1], t=0.0)
+        torch.testing.assert_close(seen[0], z[0], rtol=0, atol=0)
+        torch.testing.assert_close(seen[1], out.p_mu[1], rtol=1e-5, atol=1e-5)
+        torch.manual_seed(0)
+        with combiner_latents(model) as warm:
+            model.decode(z[:2], t=0.7)
+    torch.testing.assert_close(warm[1], z[1], rtol=0, atol=0)
+    p_mu, p_log_sigma = priors_given(model, warm)
+    r = standardised(warm, p_mu, p_log_sigma)[2]
+    assert abs(r.std().item() / 0.7 - 1) < 0.1  # 4 x 1024 values: 1.1% standard error
 
 
 def test_batch_composition_does_not_change_an_example():

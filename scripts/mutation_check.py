@@ -1,0 +1,222 @@
+"""Hand-run mutation check: plant one plausible bug at a time, run the tests that
+should catch it, report which fail.
+
+    python scripts/mutation_check.py                  # every mutant below
+    python scripts/mutation_check.py --only flow_log_det_sign,iw_nelbo_summed
+    python scripts/mutation_check.py --list
+    python scripts/mutation_check.py --ref 4246eff --tests tests/test_model.py \
+        --only flow_log_det_sign                      # a mutant against an older suite
+
+The repository (tracked and untracked, non-ignored files, or ``git archive REF``)
+is copied once into a scratch folder; each mutant replaces one exact snippet of
+one file there (it must occur exactly once), runs its tests with the scratch copy
+first on PYTHONPATH, and restores the file.  The working tree is never touched.
+A mutant is *killed* when at least one of its tests fails.  See notes/MUTATION.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mutant:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: list[str]
+    what: str
+
+
+EV, MODEL, DIST = "tests/test_evaluation.py", "tests/test_model.py", "tests/test_distributions.py"
+OBJ = "tests/test_objectives.py"
+
+MUTANTS = [
+    Mutant("flow_log_det_sign", "hvae/model/nvae.py",
+           "log_q = log_q - log_det", "log_q = log_q + log_det",
+           [f"{MODEL}::test_flow_log_q_is_base_density_minus_jacobian_log_det",
+            f"{EV}::test_iw_with_flows_matches_log_likelihood_by_quadrature"],
+           "flow log-det enters log q with the wrong sign"),
+    Mutant("iw_nelbo_summed", "hvae/evaluation.py",
+           "torch.cat(nelbo, dim=1).mean(dim=1)", "torch.cat(nelbo, dim=1).sum(dim=1)",
+           [f"{EV}::test_iw_approaches_exact_from_below_as_k_grows_on_linear_gaussian",
+            f"{EV}::test_chunks_keep_each_image_with_its_own_weights"],
+           "IW pass's NELBO summed over the K samples instead of averaged"),
+    Mutant("iaf_log_det_zero", "hvae/model/flows.py",
+           "return z, log_scale.sum(dim=(2, 3))", "return z, 0.0 * log_scale.sum(dim=(2, 3))",
+           [f"{MODEL}::test_flow_cell_jacobian_is_triangular_with_matching_log_det",
+            f"{MODEL}::test_flow_log_q_is_base_density_minus_jacobian_log_det",
+            f"{EV}::test_iw_with_flows_matches_log_likelihood_by_quadrature"],
+           "affine IAF cell reports log-det 0"),
+    Mutant("iw_without_log_k", "hvae/evaluation.py",
+           "log_px = torch.logsumexp(log_w, dim=1) - math.log(num_samples)",
+           "log_px = torch.logsumexp(log_w, dim=1)",
+           [f"{EV}::test_iw_converges_to_exact_log_likelihood_on_linear_gaussian",
+            f"{EV}::test_iw_approaches_exact_from_below_as_k_grows_on_linear_gaussian",
+            f"{EV}::test_iw_with_flows_matches_log_likelihood_by_quadrature"],
+           "logsumexp of the log weights without - log K"),
+    Mutant("dml_edge_bins", "hvae/distributions.py",
+           "torch.where(kk == self.num_values - 1, highest, interior)",
+           "torch.where(kk >= self.num_values - 2, highest, interior)",
+           [DIST], "DML: the top two bins both get the upper tail mass"),
+    Mutant("eq2_kl_drop_log_ratio", "hvae/distributions.py",
+           "return 0.5 * u * u + 0.5 * torch.expm1(2.0 * r) - r",
+           "return 0.5 * u * u + 0.5 * torch.expm1(2.0 * r)",
+           [DIST, f"{MODEL}::test_kl_matches_closed_form"],
+           "Eq. 2 KL without the - log(dsigma) term"),
+    Mutant("eq2_kl_mu_not_scaled", "hvae/distributions.py",
+           "u = d * torch.exp(-ls_p)", "u = d",
+           [DIST, f"{MODEL}::test_kl_matches_closed_form"],
+           "Eq. 2 KL: dmu^2 not divided by sigma_p^2"),
+    Mutant("tanh_log_det_half", "hvae/distributions.py",
+           "log_det = _sum_per_item(2.0 * (math.log(2.0) - ax - F.softplus(-2.0 * ax)))",
+           "log_det = _sum_per_item(math.log(2.0) - ax - F.softplus(-2.0 * ax))",
+           [DIST], "Tanh log-det missing its factor 2"),
+    Mutant("dequantize_log_det_sign", "hvae/distributions.py",
+           "torch.full((x.shape[0],), -_num_dims(x) * math.log(self.num_bins),",
+           "torch.full((x.shape[0],), _num_dims(x) * math.log(self.num_bins),",
+           [DIST], "Dequantize forward log-det +D log(bins) instead of -D log(bins)"),
+    Mutant("balance_not_detached", "hvae/objectives.py",
+           "    kl = kl.detach()\n    raw = ", "    raw = ",
+           [OBJ], "KL balancing coefficients not detached"),
+    Mutant("balance_not_normalised", "hvae/objectives.py",
+           "return raw / raw.mean()", "return raw",
+           [OBJ], "KL balancing coefficients not normalised to mean 1"),
+    Mutant("balance_direction", "hvae/objectives.py",
+           "counts[s] / 4.0 ** s for s", "counts[s] * 4.0 ** s for s",
+           [OBJ], "balancing weight proportional to the group size (the paper's typo)"),
+    Mutant("bpd_padded_size", "hvae/model/nvae.py",
+           "self.data_dims = cfg.in_channels * cfg.image_size ** 2",
+           "self.data_dims = cfg.in_channels * cfg.padded_size ** 2",
+           [f"{MODEL}::test_shapes_and_dims", f"{MODEL}::test_mnist_likelihood_counts_real_pixels_only",
+            f"{EV}::test_bits_per_dim_counts_unpadded_mnist_pixels"],
+           "bits/dim divided by the padded 32x32 size"),
+    Mutant("power_iteration_unnormalised", "hvae/objectives.py",
+           "u = F.normalize(torch.bmm(weights, v.unsqueeze(2)).squeeze(2), dim=1)",
+           "u = torch.bmm(weights, v.unsqueeze(2)).squeeze(2)",
+           [OBJ], "spectral power iteration: u not normalised"),
+    Mutant("dml_temperature_divides", "hvae/distributions.py",
+           "noise = t * scale * (torch.log(u) - torch.log1p(-u))",
+           "noise = scale / t * (torch.log(u) - torch.log1p(-u))",
+           [DIST, f"{MODEL}::test_dml_output_temperature_shrinks_spread_around_the_t0_sample"],
+           "pixel logistic temperature applied as scale / t"),
+    Mutant("normal_temperature_divides", "hvae/distributions.py",
+           "return self.mu + (t * self.sigma) * eps", "return self.mu + (self.sigma / t) * eps",
+           [DIST, f"{MODEL}::test_sample_temperature_scales_each_groups_prior_sigma"],
+           "latent temperature applied as sigma / t"),
+    Mutant("latent_temperature_divides", "hvae/model/nvae.py",
+           "z = p_mu + (t * torch.exp(p_log_sigma))", "z = p_mu + (torch.exp(p_log_sigma) / t)",
+           [f"{MODEL}::test_sample_temperature_scales_each_groups_prior_sigma"],
+           "the model's prior sampling applies its temperature as sigma / t"),
+    Mutant("temperatures_reversed", "hvae/model/nvae.py",
+           "t = [float(v) for v in t]", "t = [float(v) for v in t][::-1]",
+           [f"{MODEL}::test_sample_temperature_scales_each_groups_prior_sigma",
+            f"{EV}::test_per_group_temperatures_change_exactly_the_named_groups"],
+           "per-group temperatures applied bottom group first"),
+    Mutant("readjust_bn_momentum", "hvae/evaluation.py",
+           "bn.momentum = None\n", "bn.momentum = 0.5\n",
+           [f"{EV}::test_readjusted_bn_statistics_are_sample_averages_and_sampling_uses_them",
+            f"{EV}::test_readjust_bn_changes_stats_restores_mode_and_needs_no_data"],
+           "BN re-adjustment keeps an exponential average, not the mean over batches"),
+    Mutant("cli_nll_ignores_seed", "evaluate.py",
+           "distributed=world > 1, seed=args.seed + rank))", "distributed=world > 1, seed=None))",
+           [f"{EV}::test_cli_nll_subprocess_matches_the_library_for_the_same_seed"],
+           "evaluate.py --mode nll ignores --seed (the state before this branch)"),
+]
+
+
+def copy_tree(dest: Path, ref: str | None) -> None:
+    """The repository's files (or those of commit ``ref``) into ``dest``."""
+    if ref:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        return
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"],
+                           check=True, capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes(src.read_bytes())
+
+
+def run_tests(tree: Path, tests: list[str], timeout: int) -> tuple[int, list[str], str]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, [], "timeout"
+    failed = sorted({m.group(1).split("::")[-1].split("[")[0]
+                     for m in re.finditer(r"^FAILED (\S+)", proc.stdout, re.M)})
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
+    return proc.returncode, failed, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="", help="comma-separated mutant names")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--ref", default=None, help="mutate this commit's files instead of the work tree")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per mutant")
+    p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    p.add_argument("--tests", nargs="+", default=None,
+                   help="run these tests for every mutant instead of each mutant's own list "
+                        "(e.g. whole files of an older suite with --ref)")
+    args = p.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only.split(",")]
+    if args.tests:
+        chosen = [Mutant(m.name, m.file, m.old, m.new, args.tests, m.what) for m in chosen]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:32s} {m.file:24s} {m.what}")
+        return 0
+    rows, survivors = [], 0
+    with tempfile.TemporaryDirectory(prefix="hvae-mutants-") as tmp:
+        tree = Path(tmp)
+        copy_tree(tree, args.ref)
+        if not args.no_baseline:
+            tests = sorted({t for m in chosen for t in m.tests})
+            rc, failed, summary = run_tests(tree, tests, args.timeout)
+            print(f"baseline (no mutant): {summary}", flush=True)
+            if rc != 0:
+                print(f"error: the unmutated tests fail ({', '.join(failed)}); fix that first")
+                return 2
+        for m in chosen:
+            path = tree / m.file
+            original = path.read_text()
+            if original.count(m.old) != 1:
+                rows.append((m, "n/a", f"pattern found {original.count(m.old)} times", 0.0))
+                print(f"{m.name}: pattern not found once in {m.file}, skipped", flush=True)
+                continue
+            path.write_text(original.replace(m.old, m.new))
+            start = time.time()
+            try:
+                rc, failed, summary = run_tests(tree, m.tests, args.timeout)
+            finally:
+                path.write_text(original)
+            killed = rc != 0
+            survivors += not killed
+            rows.append((m, "killed" if killed else "SURVIVED",
+                         ", ".join(failed) or summary, time.time() - start))
+            print(f"{m.name}: {'killed' if killed else 'SURVIVED'} ({summary})", flush=True)
+    print("\n| mutant | file | change | result | failing tests |\n|---|---|---|---|---|")
+    for m, result, detail, _ in rows:
+        print(f"| {m.name} | {m.file} | {m.what} | {result} | {detail} |")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
