@@ -125,15 +125,6 @@ class NVAEOutput:
         """[B] per group: the KL term of the objective."""
         return [k.sum(dim=1) for k in self.kl_per_channel]
 
-    @property
-    def q_mu(self): return [q.mu for q in self.posteriors]          # posterior (before flows) mean per group, [B, L, h, w]
-    @property
-    def q_log_sigma(self): return [q.log_sigma for q in self.posteriors]
-    @property
-    def p_mu(self): return [p.mu for p in self.priors]
-    @property
-    def p_log_sigma(self): return [p.log_sigma for p in self.priors]
-
 
 class LatentGroup(nn.Module):
     """One step of the top-down pass (cf. VDVAE's DecBlock): enter the group's
