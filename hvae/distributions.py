@@ -100,7 +100,7 @@ def residual_kl(delta_mu: torch.Tensor, delta_log_sigma: torch.Tensor,
     ls_p = at_least_fp32(prior_log_sigma)
     with _full_precision(d):
         u = d * torch.exp(-ls_p)
-        return 0.5 * u * u + 0.5 * torch.expm1(2.0 * r) - r
+        return torch.addcmul(0.5 * torch.expm1(2.0 * r) - r, u, u, value=0.5)
 
 
 def normal_log_prob(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
@@ -108,7 +108,7 @@ def normal_log_prob(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) 
     z, mu, log_sigma = at_least_fp32(z), at_least_fp32(mu), at_least_fp32(log_sigma)
     with _full_precision(z):
         u = (z - mu) * torch.exp(-log_sigma)
-        return -0.5 * u * u - log_sigma - 0.5 * _LOG_2PI
+        return torch.addcmul(-0.5 * _LOG_2PI - log_sigma, u, u, value=-0.5)
 
 
 class Normal:

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from hvae.model.bank import shared_stack
+
 BALANCE_EPS = 0.01  # added to each group's mean |KL| so unused groups keep a coefficient > 0
 
 
@@ -98,6 +100,14 @@ def _conv_matrix(module: nn.Module) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+def _stacked_matrices(mods: list[nn.Module]) -> Tensor:
+    """[N, C_out, C_in*k*k]: the step's shared stack of these convs if there is one
+    (``hvae.model.bank``: gradients then meet once per group), else a new stack."""
+    stack = shared_stack(mods)
+    matrices = stack.matrices() if stack is not None else None
+    return matrices if matrices is not None else torch.stack([_conv_matrix(m) for m in mods])
+
+
 def _is_regularised_conv(module: nn.Module) -> bool:
     """Weight-normalised convs (duck-typed by ``normalized_weight()``) and any plain conv.
 
@@ -150,6 +160,7 @@ class SpectralRegularizer(nn.Module):
             self._groups.append((key, names, mods))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._initialized_on_host: bool | None = None  # cache of the buffer: no sync per call
+        self._ids: dict = {}  # row ids of the flat vector layout, per device (_row_ids)
         self.register_load_state_dict_post_hook(lambda module, _: module.forget_host_flag())
 
     def forget_host_flag(self) -> None:
@@ -169,17 +180,44 @@ class SpectralRegularizer(nn.Module):
                 self._buffers[name] = buf.to(like.device, like.dtype)
         return self._buffers[f"u_{key}"], self._buffers[f"v_{key}"]
 
+    def _row_ids(self, sizes: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, int]:
+        """For vectors of all groups laid end to end (group g: N_g rows of length k_g),
+        the row of every element, and the number of rows (cached per layout)."""
+        key = (tuple(sizes), device)
+        if key not in self._ids:
+            lengths = torch.tensor([k for n, k in sizes for _ in range(n)])
+            rows = torch.arange(len(lengths)).repeat_interleave(lengths)
+            self._ids[key] = (rows.to(device), len(lengths))
+        return self._ids[key]
+
     @torch.no_grad()
-    def _power_iteration(self, key: str, weights: Tensor, iters: int) -> tuple[Tensor, Tensor]:
-        """Update and return the group's (u, v) after ``iters`` batched iterations."""
-        u_buf, v_buf = self._vectors(key, weights)
-        u, v = u_buf, v_buf
+    def _power_iteration(self, weights: list[Tensor], iters: int) -> tuple[list[Tensor], list[Tensor]]:
+        """``iters`` batched iterations for every group; returns each group's (u, v)
+        and stores them in the buffers.
+
+        The vectors of all groups live in one flat tensor (u's, and v's), each
+        group's bmm writing into its slice, so one normalisation serves all the
+        groups: a few ops per iteration instead of three per group.
+        """
+        bufs = [self._vectors(key, w) for (key, _, _), w in zip(self._groups, weights)]
+        layout = []
+        for which in (0, 1):  # u, then v
+            flat = torch.cat([b[which].reshape(-1) for b in bufs])
+            sizes = [tuple(b[which].shape) for b in bufs]
+            views = [part.view(n, k, 1) for part, (n, k) in
+                     zip(flat.split([n * k for n, k in sizes]), sizes)]
+            layout.append((flat, views, *self._row_ids(sizes, flat.device)))
+        (u_flat, us, u_ids, u_rows), (v_flat, vs, v_ids, v_rows) = layout
         for _ in range(iters):
-            v = F.normalize(torch.bmm(weights.transpose(1, 2), u.unsqueeze(2)).squeeze(2), dim=1)
-            u = F.normalize(torch.bmm(weights, v.unsqueeze(2)).squeeze(2), dim=1)
-        u_buf.copy_(u)
-        v_buf.copy_(v)
-        return u_buf.clone(), v_buf.clone()
+            for w, u, v in zip(weights, us, vs):
+                torch.bmm(w.transpose(1, 2), u, out=v)
+            _normalize_rows_(v_flat, v_ids, v_rows)
+            for w, u, v in zip(weights, us, vs):
+                torch.bmm(w, v, out=u)
+            _normalize_rows_(u_flat, u_ids, u_rows)
+        us, vs = [u.squeeze(2) for u in us], [v.squeeze(2) for v in vs]
+        torch._foreach_copy_([b for pair in bufs for b in pair], [t for uv in zip(us, vs) for t in uv])
+        return us, vs  # fresh tensors, not the buffers: the next call may not change them
 
     def singular_values(self) -> dict[str, Tensor]:
         """Module name -> differentiable estimate of its top singular value (runs the iteration)."""
@@ -187,14 +225,16 @@ class SpectralRegularizer(nn.Module):
             self._initialized_on_host = bool(self.initialized)
         iters = self.num_power_iter * (1 if self._initialized_on_host else self.first_call_factor)
         out: dict[str, Tensor] = {}
-        for key, names, mods in self._groups:
-            w = torch.stack([_conv_matrix(m) for m in mods])
-            with torch.autocast(w.device.type, enabled=False):
-                u, v = self._power_iteration(key, w.detach(), iters)
-                sigma = torch.bmm(u.unsqueeze(1), torch.bmm(w, v.unsqueeze(2))).flatten()
-            out.update(zip(names, sigma.float().unbind(0)))
-        self.initialized.fill_(True)
-        self._initialized_on_host = True
+        weights = [_stacked_matrices(mods) for _, _, mods in self._groups]
+        if weights:
+            with torch.autocast(weights[0].device.type, enabled=False):
+                us, vs = self._power_iteration([w.detach() for w in weights], iters)
+                for (_, names, _), w, u, v in zip(self._groups, weights, us, vs):
+                    sigma = torch.bmm(u.unsqueeze(1), torch.bmm(w, v.unsqueeze(2))).flatten()
+                    out.update(zip(names, sigma.float().unbind(0)))
+        if not self._initialized_on_host:
+            self.initialized.fill_(True)
+            self._initialized_on_host = True
         return out
 
     def forward(self) -> Tensor:
@@ -203,10 +243,28 @@ class SpectralRegularizer(nn.Module):
 
 
 def bn_regularizer(model: nn.Module) -> Tensor:
-    """Sum over BatchNorm layers (SyncBatchNorm included) of max |gamma|: keeps BN scales small."""
-    terms = [m.weight.abs().max().float() for m in model.modules()
-             if isinstance(m, _BatchNorm) and m.weight is not None and m.weight.numel()]
+    """Sum over BatchNorm layers (SyncBatchNorm included) of max |gamma|: keeps BN scales small.
+
+    Layers with gammas of equal size are stacked, so it costs a few ops per size
+    rather than per layer (the gradient is the same: ties share it evenly).
+    """
+    by_size: dict[tuple, list[nn.Module]] = {}
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and m.weight is not None and m.weight.numel():
+            by_size.setdefault((m.weight.numel(), m.weight.dtype, m.weight.device), []).append(m)
+    terms = []
+    for mods in by_size.values():
+        stack = shared_stack(mods)  # the step's stacked gammas (hvae.model.bank), if any
+        gammas = stack.tensor if stack is not None else torch.stack([m.weight for m in mods])
+        terms.append(gammas.abs().amax(dim=1).float().sum())
     return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def _normalize_rows_(flat: Tensor, row_ids: Tensor, rows: int, eps: float = 1e-12) -> None:
+    """Divide each row of a flat tensor (rows given by ``row_ids``) by its L2 norm
+    (at least ``eps``, as F.normalize), in place."""
+    norms = flat.new_zeros(rows).index_add_(0, row_ids, flat * flat).sqrt_().clamp_min_(eps)
+    flat.div_(norms.index_select(0, row_ids))
 
 
 # --------------------------------------------------------------- the loss

@@ -139,17 +139,18 @@ class TrainStep:
             x = x.contiguous(memory_format=torch.channels_last)
         torch._foreach_copy_(self._forward_backup, self._forward_state)
         self.model.train()
-        with autocast(self.runtime.device, cfg.amp):
-            output = self.net(x, analytic_kl=not cfg.kl_mc)
-        recon = -output.likelihood.log_prob(x)
         lam = schedule.reg_lambda(step)
         reg, terms = None, {"reg_lambda": lam}
-        if lam != 0:
-            terms.update(reg_spectral=self.spectral(),
-                         reg_bn=objectives.bn_regularizer(self.model))
-            reg = lam * (terms["reg_spectral"] + terms["reg_bn"])
+        with self.model.stacked_weights():  # weights stacked once for forward and regularisers
+            with autocast(self.runtime.device, cfg.amp):
+                output = self.net(x, analytic_kl=not cfg.kl_mc)
+            if lam != 0:
+                terms.update(reg_spectral=self.spectral(),
+                             reg_bn=objectives.bn_regularizer(self.model))
+                reg = lam * (terms["reg_spectral"] + terms["reg_bn"])
+        recon = -output.likelihood.log_prob(x)
         loss = objectives.compute_loss(
-            recon, output.kl, kl_weight=schedule.kl_weight(step),
+            recon, output.kl_groups, kl_weight=schedule.kl_weight(step),
             balance_weights=self.balance_weights if schedule.balancing(step) else None,
             free_bits=cfg.kl_free_bits, reg=reg)
         self.optimizer.zero_grad(set_to_none=True)

@@ -40,8 +40,8 @@ class MaskedConv2d(Conv2d):
             norm = self._norm(self.weight).clamp_min(1e-3)
         self.log_weight_norm = nn.Parameter(norm.log())
 
-    def masked_weight(self) -> torch.Tensor:
-        return self.weight * self.mask
+    def weight_mask(self) -> torch.Tensor:
+        return self.mask
 
 
 class IAFCell(nn.Module):
@@ -85,8 +85,8 @@ class IAFFlow(nn.Module):
 
     def forward(self, z: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (z', log-det per channel [B, L]) after all cells."""
-        log_det = 0.0
+        log_det = None
         for cell in self.cells:
             z, ld = cell(z, context)
-            log_det = log_det + ld
+            log_det = ld if log_det is None else log_det + ld
         return z, log_det

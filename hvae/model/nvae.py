@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from hvae.config import Config
 from hvae.distributions import Bernoulli, DiscMixLogistic, normal_log_prob, residual_kl
+from hvae.model.bank import stacked_weights
 from hvae.model.cells import ELU, Conv2d, DecCell, DecCombiner, EncCell, EncCombiner
 from hvae.model.flows import IAFFlow
 
@@ -108,8 +109,8 @@ class NVAEOutput:
     params: torch.Tensor                # output-distribution parameters (unpadded, float32)
     spec: OutputSpec
     kl_per_channel: list[torch.Tensor]  # [B, L] (see GroupStats.kl)
-    log_q: list[torch.Tensor]           # [B]
-    log_p: list[torch.Tensor]           # [B]
+    log_q_per_channel: list[torch.Tensor]  # [B, L]
+    log_p_per_channel: list[torch.Tensor]  # [B, L]
     z: list[torch.Tensor]
     q_mu: list[torch.Tensor]
     q_log_sigma: list[torch.Tensor]
@@ -124,6 +125,21 @@ class NVAEOutput:
     def kl(self) -> list[torch.Tensor]:
         """[B] per group: the KL term of the objective."""
         return [k.sum(dim=1) for k in self.kl_per_channel]
+
+    @property
+    def kl_groups(self) -> torch.Tensor:
+        """[B, G]: ``kl`` stacked (two ops for all groups; the training loss takes this)."""
+        return torch.stack(self.kl_per_channel, dim=1).sum(dim=2)
+
+    @property
+    def log_q(self) -> list[torch.Tensor]:
+        """[B] per group: log q(z|x) of the sampled z, flow log-dets included."""
+        return [t.sum(dim=1) for t in self.log_q_per_channel]
+
+    @property
+    def log_p(self) -> list[torch.Tensor]:
+        """[B] per group: log p(z) of the sampled z."""
+        return [t.sum(dim=1) for t in self.log_p_per_channel]
 
 
 class LatentGroup(nn.Module):
@@ -177,14 +193,14 @@ class LatentGroup(nn.Module):
             q_mu, q_log_sigma = d_mu, d_log_sigma
         # z = mu + sigma * eps, so log q(z) = -eps^2 / 2 - log sigma - log(2 pi) / 2
         # needs no (z - mu) / sigma and keeps no extra tensors for backward.
-        log_q = -q_log_sigma - HALF_LOG_2PI
         if use_mean:
-            z = q_mu
+            z, neg_log_q = q_mu, q_log_sigma
         else:
             eps = torch.randn_like(q_mu)
-            z = q_mu + torch.exp(q_log_sigma) * eps
-            log_q = log_q - 0.5 * eps * eps
-        log_q = log_q.sum(dim=(2, 3))                                    # [B, L]
+            z = torch.addcmul(q_mu, torch.exp(q_log_sigma), eps)
+            neg_log_q = torch.addcmul(q_log_sigma, eps, eps, value=0.5)
+        positions = q_mu.shape[2] * q_mu.shape[3]
+        log_q = (-HALF_LOG_2PI * positions) - neg_log_q.sum(dim=(2, 3))  # [B, L]
         if self.flow is not None:
             z, log_det = self.flow(z, context)                           # log_det [B, L]
             log_q = log_q - log_det
@@ -272,6 +288,12 @@ class NVAE(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------- helpers --
+    def stacked_weights(self):
+        """Context: every conv weight (normalised) and BatchNorm scale computed once,
+        stacked by shape (``hvae.model.bank``); forward and decode open it, and the
+        training step opens it around the forward and the regularisers together."""
+        return stacked_weights(self)
+
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] image -> padded (black background) [-1, 1] network input."""
         cfg = self.config
@@ -354,15 +376,17 @@ class NVAE(nn.Module):
         ``analytic_kl``: the caller's choice between the closed-form KL and the
         Monte-Carlo estimate (groups with flows always use the latter).
         """
-        feats = self._encode_bottom_up(self._prepare(x))
-        if repeats > 1:
-            feats = [f.repeat_interleave(repeats, dim=0) for f in feats]
-        state, stats = self.top_down(feats[0].shape[0], enc_feats=feats, use_mean=use_mean,
-                                     analytic_kl=analytic_kl)
+        with self.stacked_weights():
+            feats = self._encode_bottom_up(self._prepare(x))
+            if repeats > 1:
+                feats = [f.repeat_interleave(repeats, dim=0) for f in feats]
+            state, stats = self.top_down(feats[0].shape[0], enc_feats=feats, use_mean=use_mean,
+                                         analytic_kl=analytic_kl)
+            params = self._output_params(state)
         return NVAEOutput(
-            params=self._output_params(state), spec=self.output_spec,
+            params=params, spec=self.output_spec,
             kl_per_channel=[g.kl for g in stats],
-            log_q=[g.log_q.sum(dim=1) for g in stats], log_p=[g.log_p.sum(dim=1) for g in stats],
+            log_q_per_channel=[g.log_q for g in stats], log_p_per_channel=[g.log_p for g in stats],
             z=[g.z for g in stats], q_mu=[g.q_mu for g in stats],
             q_log_sigma=[g.q_log_sigma for g in stats], p_mu=[g.p_mu for g in stats],
             p_log_sigma=[g.p_log_sigma for g in stats])
@@ -392,8 +416,9 @@ class NVAE(nn.Module):
             num = latents[0].shape[0]
         elif num is None:
             raise ValueError("pass num (the batch size) when no latents are given")
-        state, _ = self.top_down(num, latents=latents, temps=temps)
-        likelihood = Likelihood(self._output_params(state), self.output_spec)
+        with self.stacked_weights():
+            state, _ = self.top_down(num, latents=latents, temps=temps)
+            likelihood = Likelihood(self._output_params(state), self.output_spec)
         if output == "auto":
             output = "mean" if self.config.binary else "sample"
         return likelihood.mean() if output == "mean" else likelihood.sample(output_t)
