@@ -161,9 +161,13 @@ def count_batch(bn: nn.BatchNorm2d) -> None:
 
 
 def bn_forward(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """``bn(x)``, with the step's stacked gamma (``batched_weight``) when there is one."""
+    """``bn(x)``, with the step's stacked gamma (``batched_weight``) when there is one.
+
+    A layer with hooks (e.g. ``hvae.evaluation.readjust_bn``'s) is called as a
+    module, so that its hooks run."""
     weight = getattr(bn, "batched_weight", None)
-    if weight is None or type(bn) is not nn.BatchNorm2d or bn.momentum is None or not bn.track_running_stats:
+    if (weight is None or type(bn) is not nn.BatchNorm2d or bn.momentum is None
+            or not bn.track_running_stats or bn._forward_pre_hooks or bn._forward_hooks):
         return bn(x)
     if bn.training:  # what nn.BatchNorm2d.forward does for a fixed momentum
         count_batch(bn)
