@@ -161,14 +161,15 @@ def count_batch(bn: nn.BatchNorm2d) -> None:
 
 
 def bn_forward(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """``bn(x)``, with the step's stacked gamma (``batched_weight``) when there is one."""
+    """``bn(x)``; when training with the step's stacked gammas, reads its row
+    (``batched_weight``) so that its gradient joins the stack's."""
     weight = getattr(bn, "batched_weight", None)
-    if weight is None or type(bn) is not nn.BatchNorm2d or bn.momentum is None or not bn.track_running_stats:
-        return bn(x)
-    if bn.training:  # what nn.BatchNorm2d.forward does for a fixed momentum
-        count_batch(bn)
-    return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bn.bias, bn.training,
-                        bn.momentum, bn.eps)
+    if (weight is None or not (bn.training and torch.is_grad_enabled()) or type(bn) is not nn.BatchNorm2d
+            or bn.momentum is None or not bn.track_running_stats
+            or bn._forward_hooks or bn._forward_pre_hooks):
+        return bn(x)  # the module call: hooks (e.g. evaluation.readjust_bn) and cumulative averages
+    count_batch(bn)  # what nn.BatchNorm2d.forward does in training with a fixed momentum
+    return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bn.bias, True, bn.momentum, bn.eps)
 
 
 class SE(nn.Module):
