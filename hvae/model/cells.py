@@ -141,8 +141,12 @@ def _act_up(h: torch.Tensor, act: bool, up: bool) -> torch.Tensor:
 
 def bn_act_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: "Conv2d", act: bool = True,
                 up: bool = False) -> torch.Tensor:
-    """conv(up(silu(bn(x)))) (silu if ``act``, nearest x2 if ``up``); memory-light in training."""
-    if bn.training and torch.is_grad_enabled() and type(bn) is nn.BatchNorm2d and bn.affine:
+    """conv(up(silu(bn(x)))) (silu if ``act``, nearest x2 if ``up``); memory-light in training.
+
+    Compiled regions take the plain path: the compiler's partitioner decides
+    itself what to recompute in backward."""
+    if (bn.training and torch.is_grad_enabled() and type(bn) is nn.BatchNorm2d and bn.affine
+            and not torch.compiler.is_compiling()):
         bn_weight = getattr(bn, "batched_weight", None)  # a view of the step's stacked gammas
         return _BNActConv.apply(x, bn.weight if bn_weight is None else bn_weight, bn.bias,
                                 conv.normalized_weight(), conv.bias, bn, conv, act, up)
@@ -153,8 +157,11 @@ def bn_act_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: "Conv2d", act: bool =
 def count_batch(bn: nn.BatchNorm2d) -> None:
     """``bn.num_batches_tracked += 1`` (a training-mode pass), deferred to one batched
     add for all layers while the step's weights are stacked (``hvae.model.bank``)."""
+    if torch.compiler.is_compiling():  # in a compiled region the add fuses with its neighbours
+        bn.num_batches_tracked.add_(1)
+        return
     pending = getattr(bn, "pending_batches", None)
-    if pending is None or torch.compiler.is_compiling():
+    if pending is None:
         bn.num_batches_tracked.add_(1)
     else:
         bn.pending_batches = pending + 1
