@@ -82,6 +82,10 @@ class Config:
     ema_decay: float = 0.9999   # 0: no EMA
     amp: str = "none"
     sync_bn: bool = False
+    # torch.compile of the training model: "none" (eager), "regional" (each repeated
+    # cell / latent group compiled once and reused; the fast path on GPUs), "full"
+    # (the whole forward, one graph; slow to compile).  See hvae/model/compile.py.
+    compile: str = "none"
 
     # ---- objective ---------------------------------------------------------
     kl_anneal_portion: float = 0.3

@@ -9,6 +9,19 @@ preset's shape, so no dataset is needed.  Prints one JSON line, with two
 device-independent counts of one (non-logging) step: aten compute ops
 dispatched, and host syncs (``aten._local_scalar_dense``: ``.item()``,
 ``float(t)``, ``bool(t)``) outside ``torch.optim``.
+
+    python scripts/bench.py --preset cifar10 --batch_size 2 --num_channels_enc 16 \
+        --num_channels_dec 16 --steps 2 --warmup 1 --op-report 25
+    python scripts/bench.py --preset demo --compile regional --explain
+
+``--op-report N`` adds the N most frequent ops of the counted step;
+``--compile MODE`` is the Config field (none, regional, full): ``first_step_s``
+is then mostly compile time (``--backend aot_eager`` traces without generating
+code); ``--explain`` adds graph and graph-break counts of the model's forward
+from ``torch._dynamo.explain`` (and, with ``regional``, of each compiled region
+kind).  The op counter is a dispatch mode, under which dynamo runs compiled
+regions eagerly, so it counts eager ops in every mode; ``--kernels`` counts
+the kernels of one step with the profiler instead, compiled kernels included.
 """
 from __future__ import annotations
 
@@ -28,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hvae import cli  # noqa: E402
 from hvae.config import parse_args  # noqa: E402
+from hvae.model import compile as compile_module  # noqa: E402
 from hvae.runtime import Runtime  # noqa: E402
 from hvae.training import Trainer  # noqa: E402
 
@@ -38,13 +52,18 @@ _NOT_COMPUTE = ("view", "_unsafe_view", "reshape", "expand", "permute", "transpo
                 "empty_strided", "lift_fresh", "sym_size", "sym_stride", "sym_numel",
                 "sym_storage_offset")
 
+# Profiler events that are not kernels (host reads, views), or not when they have no aten child.
+_NOT_KERNELS = ("_local_scalar_dense", "item", "flatten", "narrow", "view_as", "expand_as",
+                "unflatten", "movedim", "swapaxes", "numpy_T", "lift_fresh_copy")
+_MAYBE_NO_OP = ("to", "contiguous", "type_as", "float", "double", "half", "bfloat16")
+
 
 class OpCounter(TorchDispatchMode):
     """Counts aten compute ops and host syncs dispatched while active."""
 
     def __init__(self):
         super().__init__()
-        self.ops, self.syncs, self.sync_sites = 0, 0, Counter()
+        self.ops, self.syncs, self.sync_sites, self.names = 0, 0, Counter(), Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -56,7 +75,34 @@ class OpCounter(TorchDispatchMode):
                 self.sync_sites[f"{Path(ours[-1].filename).name}:{ours[-1].lineno}"] += 1
         elif name not in _NOT_COMPUTE:
             self.ops += 1
+            self.names[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+def count_kernels(fn) -> int:
+    """Kernels one call of ``fn`` runs, from the profiler: top-level aten compute ops
+    (not nested in another aten op; views excluded) plus compiled kernels
+    (inductor's C++ / Triton kernels).  Unlike ``OpCounter`` it also sees inside
+    compiled regions (dynamo runs them eagerly under a dispatch mode)."""
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}), \
+            profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    count = 0
+    for e in prof.events():
+        name = e.name[6:] if e.name.startswith("aten::") else None
+        if name is None:
+            count += "cpp_fused" in e.name or e.name.startswith("triton_")
+            continue
+        parent = e.cpu_parent.name if e.cpu_parent is not None else ""
+        if parent.startswith("aten::") or name in _NOT_COMPUTE + _NOT_KERNELS:
+            continue
+        if name in _MAYBE_NO_OP and not any(c.name.startswith("aten::") for c in e.cpu_children):
+            continue  # e.g. x.to(its own dtype): returns x, runs nothing
+        count += 1
+    return count
 
 
 def synthetic_batches(config, num: int, device):
@@ -76,6 +122,36 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def explain_counts(model, x) -> dict:
+    """Graphs and graph breaks of the model's forward (and of each compiled region kind)."""
+    from hvae.model.compile import regions
+
+    def counts(fn, *args) -> dict:
+        e = torch._dynamo.explain(fn)(*args)
+        return {"graphs": e.graph_count, "breaks": e.graph_break_count,
+                "break_reasons": [b.reason for b in e.break_reasons][:5]}
+
+    model.train()
+    out = {"forward": counts(model, x)}
+    if model.config.compile == "regional":  # each kind of region with its real inputs
+        seen, inputs = {}, {}
+        hooks = [r.register_forward_pre_hook(lambda mod, args, kw: inputs.setdefault(id(mod), (args, kw)),
+                                             with_kwargs=True) for r in regions(model)]
+        with torch.no_grad():
+            model(x)
+        for hook in hooks:
+            hook.remove()
+        for region in regions(model):
+            kind = type(region).__name__
+            if kind in seen or id(region) not in inputs:
+                continue
+            args, kw = inputs[id(region)]
+            e = torch._dynamo.explain(type(region).forward)(region, *args, **kw)
+            seen[kind] = {"graphs": e.graph_count, "breaks": e.graph_break_count}
+        out["regions"] = seen
+    return out
+
+
 @cli.entry_point("bench.py")  # bad input (arguments, config, device): one line, exit code 2
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="bench.py", description=__doc__,
@@ -87,12 +163,22 @@ def main(argv=None) -> int:
                         help="torch CPU threads (0: default)")
     parser.add_argument("--device", default=None, type=cli.DEVICE)
     parser.add_argument("--num-samples", type=cli.integer(1), default=16)
+    parser.add_argument("--op-report", type=cli.integer(0), default=0, metavar="N",
+                        help="also report the N most frequent ops of the counted step")
+    parser.add_argument("--backend", default=None,
+                        help="torch.compile backend for --compile (default inductor; aot_eager: no codegen)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also count the kernels of one step with the profiler (sees compiled code)")
+    parser.add_argument("--explain", action="store_true",
+                        help="also report torch._dynamo.explain graph / break counts of the forward")
     config, args = parse_args(argv, parser)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.backend:
+        compile_module.BACKEND = args.backend
     batches = synthetic_batches(config, 2, device)
     # a very long run keeps the schedules in their warm-up regime (KL balancing on)
     trainer = Trainer(config.replace(epochs=10**9, max_steps=0), Runtime(device=device),
@@ -109,10 +195,11 @@ def main(argv=None) -> int:
         trainer.train_step(batches[i % 2])
         sync()
         times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times[args.warmup:])
+    step_s = statistics.median(times[args.warmup:] or times)
     counter = OpCounter()
     with counter:
         trainer.train_step(batches[0])
+    kernels = count_kernels(lambda: trainer.train_step(batches[1])) if args.kernels else None
     model = trainer.eval_model.eval()
     with torch.no_grad():
         model.sample(args.num_samples)
@@ -122,15 +209,24 @@ def main(argv=None) -> int:
         sync()
         sample_s = time.perf_counter() - t0
     params = sum(p.numel() for p in trainer.model.parameters())
-    print(json.dumps({"preset": config.preset, "batch_size": config.batch_size,
-                      "device": str(device), "threads": torch.get_num_threads(),
-                      "amp": config.amp, "params": params,
-                      "ms_per_step": round(step_s * 1000, 1),
-                      "images_per_s": round(config.batch_size / step_s, 2),
-                      "peak_memory_gib": round(peak_memory_gib(device), 3),
-                      f"sample_{args.num_samples}_s": round(sample_s, 3),
-                      "aten_ops_per_step": counter.ops, "host_syncs_per_step": counter.syncs,
-                      "host_sync_sites": dict(counter.sync_sites)}))
+    report = {"preset": config.preset, "batch_size": config.batch_size,
+              "device": str(device), "threads": torch.get_num_threads(),
+              "amp": config.amp, "compile": config.compile, "params": params,
+              "backend": compile_module.BACKEND if config.compile != "none" else None,
+              "ms_per_step": round(step_s * 1000, 1),
+              "images_per_s": round(config.batch_size / step_s, 2),
+              "first_step_s": round(times[0], 2),
+              "peak_memory_gib": round(peak_memory_gib(device), 3),
+              f"sample_{args.num_samples}_s": round(sample_s, 3),
+              "aten_ops_per_step": counter.ops, "host_syncs_per_step": counter.syncs,
+              "host_sync_sites": dict(counter.sync_sites)}
+    if kernels is not None:
+        report["kernels_per_step"] = kernels
+    if args.op_report:
+        report["top_ops"] = dict(counter.names.most_common(args.op_report))
+    if args.explain:
+        report["explain"] = explain_counts(trainer.model, batches[0])
+    print(json.dumps(report))
     return 0
 
 

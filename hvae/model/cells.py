@@ -141,8 +141,12 @@ def _act_up(h: torch.Tensor, act: bool, up: bool) -> torch.Tensor:
 
 def bn_act_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: "Conv2d", act: bool = True,
                 up: bool = False) -> torch.Tensor:
-    """conv(up(silu(bn(x)))) (silu if ``act``, nearest x2 if ``up``); memory-light in training."""
-    if bn.training and torch.is_grad_enabled() and type(bn) is nn.BatchNorm2d and bn.affine:
+    """conv(up(silu(bn(x)))) (silu if ``act``, nearest x2 if ``up``); memory-light in training.
+
+    Compiled regions take the plain path: the compiler's partitioner decides
+    itself what to recompute in backward."""
+    if (bn.training and torch.is_grad_enabled() and type(bn) is nn.BatchNorm2d and bn.affine
+            and not torch.compiler.is_compiling()):
         bn_weight = getattr(bn, "batched_weight", None)  # a view of the step's stacked gammas
         return _BNActConv.apply(x, bn.weight if bn_weight is None else bn_weight, bn.bias,
                                 conv.normalized_weight(), conv.bias, bn, conv, act, up)
@@ -153,26 +157,26 @@ def bn_act_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: "Conv2d", act: bool =
 def count_batch(bn: nn.BatchNorm2d) -> None:
     """``bn.num_batches_tracked += 1`` (a training-mode pass), deferred to one batched
     add for all layers while the step's weights are stacked (``hvae.model.bank``)."""
+    if torch.compiler.is_compiling():  # in a compiled region the add fuses with its neighbours
+        bn.num_batches_tracked.add_(1)
+        return
     pending = getattr(bn, "pending_batches", None)
-    if pending is None or torch.compiler.is_compiling():
+    if pending is None:
         bn.num_batches_tracked.add_(1)
     else:
         bn.pending_batches = pending + 1
 
 
 def bn_forward(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """``bn(x)``, with the step's stacked gamma (``batched_weight``) when there is one.
-
-    A layer with hooks (e.g. ``hvae.evaluation.readjust_bn``'s) is called as a
-    module, so that its hooks run."""
+    """``bn(x)``; when training with the step's stacked gammas, reads its row
+    (``batched_weight``) so that its gradient joins the stack's."""
     weight = getattr(bn, "batched_weight", None)
-    if (weight is None or type(bn) is not nn.BatchNorm2d or bn.momentum is None
-            or not bn.track_running_stats or bn._forward_pre_hooks or bn._forward_hooks):
-        return bn(x)
-    if bn.training:  # what nn.BatchNorm2d.forward does for a fixed momentum
-        count_batch(bn)
-    return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bn.bias, bn.training,
-                        bn.momentum, bn.eps)
+    if (weight is None or not (bn.training and torch.is_grad_enabled()) or type(bn) is not nn.BatchNorm2d
+            or bn.momentum is None or not bn.track_running_stats
+            or bn._forward_hooks or bn._forward_pre_hooks):
+        return bn(x)  # the module call: hooks (e.g. evaluation.readjust_bn) and cumulative averages
+    count_batch(bn)  # what nn.BatchNorm2d.forward does in training with a fixed momentum
+    return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bn.bias, True, bn.momentum, bn.eps)
 
 
 class SE(nn.Module):

@@ -377,12 +377,17 @@ class NVAE(nn.Module):
         Monte-Carlo estimate (groups with flows always use the latter).
         """
         with self.stacked_weights():
-            feats = self._encode_bottom_up(self._prepare(x))
-            if repeats > 1:
-                feats = [f.repeat_interleave(repeats, dim=0) for f in feats]
-            state, stats = self.top_down(feats[0].shape[0], enc_feats=feats, use_mean=use_mean,
-                                         analytic_kl=analytic_kl)
-            params = self._output_params(state)
+            return self._forward(self._prepare(x), use_mean, repeats, analytic_kl)
+
+    def _forward(self, x: torch.Tensor, use_mean: bool, repeats: int, analytic_kl: bool
+                 ) -> NVAEOutput:
+        """``forward`` on the prepared input, weights already stacked (what ``--compile full`` compiles)."""
+        feats = self._encode_bottom_up(x)
+        if repeats > 1:
+            feats = [f.repeat_interleave(repeats, dim=0) for f in feats]
+        state, stats = self.top_down(feats[0].shape[0], enc_feats=feats, use_mean=use_mean,
+                                     analytic_kl=analytic_kl)
+        params = self._output_params(state)
         return NVAEOutput(
             params=params, spec=self.output_spec,
             kl_per_channel=[g.kl for g in stats],
