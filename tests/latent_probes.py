@@ -112,3 +112,14 @@ def jacobian_log_det(flow, z0, context, h=1e-4):
             jac = ((z[:d] - z[d:]) / (2 * h)).reshape(d, d).T  # [output, input]
             out.append(torch.linalg.slogdet(jac).logabsdet)
     return torch.stack(out)
+
+
+def perturb_flows(model, seed: int, scale: float = 0.3):
+    """Move every flow parameter away from its near-identity initialisation
+    (seeded); returns the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for group in model.groups:
+            for p in group.flow.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()

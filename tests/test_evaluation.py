@@ -30,7 +30,7 @@ from hvae.config import preset  # noqa: E402
 from hvae.data import build_loader  # noqa: E402
 from hvae.distributions import Normal  # noqa: E402
 from latent_probes import (combiner_latents, normal_log_density, per_image,  # noqa: E402
-                           priors_given, record_inputs, standardised)
+                           perturb_flows, priors_given, record_inputs, standardised)
 
 torch.set_num_threads(2)
 
@@ -303,12 +303,7 @@ def _scalar_latent_flow_model():
                         num_preprocess_blocks=2, num_postprocess_blocks=2,
                         num_preprocess_cells=1, num_postprocess_cells=1,
                         num_channels_enc=8, num_channels_dec=8, num_nf=1))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for group in model.groups:
-            for p in group.flow.parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return perturb_flows(model, seed=1)
 
 
 @torch.no_grad()

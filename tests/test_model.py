@@ -17,7 +17,7 @@ from hvae.model import NVAE, NVAEOutput
 from hvae.model.cells import Conv2d, bn_act_conv, batch_norm
 from hvae.model.flows import IAFCell
 from latent_probes import (combiner_latents, jacobian_log_det, normal_log_density, per_image,
-                           priors_given, record_inputs, standardised)
+                           perturb_flows, priors_given, record_inputs, standardised)
 
 TINY = dict(num_channels_enc=8, num_channels_dec=8, num_latent_per_group=4,
             num_groups_per_scale=2, batch_size=4)
@@ -263,13 +263,7 @@ def test_flow_log_det_depends_on_context_and_starts_near_identity():
 def _flow_model(name="cifar10", num_nf=1, **overrides):
     """A tiny model (64 latent values per group) with flows moved away from their
     near-identity initialisation (every flow parameter perturbed)."""
-    model = make(name, num_nf=num_nf, **overrides)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for group in model.groups:
-            for p in group.flow.parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return perturb_flows(make(name, num_nf=num_nf, **overrides), seed=7)
 
 
 @pytest.mark.parametrize("use_mean", [False, True])
