@@ -28,6 +28,8 @@ import types
 import torch
 import torch.nn as nn
 
+from hvae.config import ConfigError
+
 MODES = ("none", "regional", "full")
 BACKEND = "inductor"   # tests use "aot_eager" (no code generation)
 RECOMPILE_LIMIT = 64   # variants per compiled function (cell kinds x scales x train/eval x batch sizes)
@@ -68,8 +70,8 @@ def regions(model: nn.Module) -> list[nn.Module]:
 
 def compile_model(model: nn.Module, mode: str, backend: str | None = None) -> nn.Module:
     """Apply ``mode`` (one of ``MODES``) to ``model`` in place and return it."""
-    if mode not in MODES:
-        raise ValueError(f"compile={mode!r} is not allowed: one of {', '.join(MODES)}")
+    if mode not in MODES:  # a ConfigError: the entry points report it in one line
+        raise ConfigError(f"compile={mode!r} is not allowed: one of {', '.join(MODES)}")
     if mode == "none":
         return model
     backend = backend or BACKEND
