@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 
 from hvae.config import ConfigError
+from hvae.model.cells import DecCell, EncCell
+from hvae.model.nvae import LatentGroup
 
 MODES = ("none", "regional", "full")
 BACKEND = "inductor"   # tests use "aot_eager" (no code generation)
@@ -54,9 +56,6 @@ def _install(module: nn.Module, name: str, backend: str) -> None:
 def regions(model: nn.Module) -> list[nn.Module]:
     """The modules ``regional`` compiles: the outermost encoder cells, decoder cells
     and latent groups (cells inside a latent group are traced with it)."""
-    from hvae.model.cells import DecCell, EncCell
-    from hvae.model.nvae import LatentGroup
-
     kinds = (EncCell, DecCell, LatentGroup)
     found, inside = [], set()
     for module in model.modules():
