@@ -9,7 +9,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from hvae.config import preset
+from hvae.config import ConfigError, preset
 from hvae.model import NVAE
 from hvae.model import compile as hcompile
 from hvae.objectives import compute_loss
@@ -147,5 +147,5 @@ def test_full_compile_matches_eager():
 
 
 def test_unknown_mode_is_rejected():
-    with pytest.raises(ValueError, match="compile='fast'"):
+    with pytest.raises(ConfigError, match="compile='fast' is not allowed"):
         hcompile.compile_model(NVAE(preset("demo", **TINY_DEMO)), "fast")

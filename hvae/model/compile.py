@@ -28,6 +28,10 @@ import types
 import torch
 import torch.nn as nn
 
+from hvae.config import ConfigError
+from hvae.model.cells import DecCell, EncCell
+from hvae.model.nvae import LatentGroup
+
 MODES = ("none", "regional", "full")
 BACKEND = "inductor"   # tests use "aot_eager" (no code generation)
 RECOMPILE_LIMIT = 64   # variants per compiled function (cell kinds x scales x train/eval x batch sizes)
@@ -52,9 +56,6 @@ def _install(module: nn.Module, name: str, backend: str) -> None:
 def regions(model: nn.Module) -> list[nn.Module]:
     """The modules ``regional`` compiles: the outermost encoder cells, decoder cells
     and latent groups (cells inside a latent group are traced with it)."""
-    from hvae.model.cells import DecCell, EncCell
-    from hvae.model.nvae import LatentGroup
-
     kinds = (EncCell, DecCell, LatentGroup)
     found, inside = [], set()
     for module in model.modules():
@@ -68,8 +69,8 @@ def regions(model: nn.Module) -> list[nn.Module]:
 
 def compile_model(model: nn.Module, mode: str, backend: str | None = None) -> nn.Module:
     """Apply ``mode`` (one of ``MODES``) to ``model`` in place and return it."""
-    if mode not in MODES:
-        raise ValueError(f"compile={mode!r} is not allowed: one of {', '.join(MODES)}")
+    if mode not in MODES:  # a ConfigError: the entry points report it in one line
+        raise ConfigError(f"compile={mode!r} is not allowed: one of {', '.join(MODES)}")
     if mode == "none":
         return model
     backend = backend or BACKEND
