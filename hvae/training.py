@@ -33,7 +33,7 @@ from hvae import objectives
 from hvae.checkpoint import Checkpointer
 from hvae.config import Config
 from hvae.errors import HvaeError
-from hvae.logger import MetricsLogger, to_host
+from hvae.logger import MetricsLogger
 from hvae.model import NVAE
 from hvae.model.compile import compile_model
 from hvae.runtime import Interrupted, Runtime, StopSignals, init_runtime, seed_everything
@@ -131,9 +131,9 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         return self.ema.model if self.ema is not None else self.model
 
-    def train_step(self, x: torch.Tensor) -> dict[str, Any]:
+    def train_step(self, x: torch.Tensor, stop_requested: bool = False) -> dict[str, Any]:
         """One optimiser step at ``self.step``; metrics as device tensors (no host sync)."""
-        metrics = self.train_step_fn(x, self.step)
+        metrics = self.train_step_fn(x, self.step, stop_requested=stop_requested)
         self.step += 1
         return metrics
 
@@ -207,8 +207,7 @@ class Trainer:
                 raise
             if x is None:
                 return False
-            metrics = self.train_step_fn(x, self.step, stop_requested=self.signals.requested)
-            self.step += 1
+            metrics = self.train_step(x, stop_requested=self.signals.requested)
             self.batch_in_epoch += 1
             if bar is not None:
                 bar.update(1)
