@@ -67,6 +67,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     for key in ("config", "model"):
         if key not in state:
             raise CheckpointError(f"checkpoint {str(path)!r} lacks the {key!r} entry")
+    if isinstance(state["config"], dict):
+        from hvae.config import Config
+        state["config"] = Config.upgrade_saved(state["config"])
     return state
 
 
