@@ -207,20 +207,23 @@ class LatentGroup(nn.Module):
             eps = torch.randn_like(q_mu)
             z = torch.addcmul(q_mu, torch.exp(q_log_sigma), eps)
             neg_log_q = torch.addcmul(q_log_sigma, eps, eps, value=0.5)
-        positions = q_mu.shape[2] * q_mu.shape[3]
-        log_q = (-HALF_LOG_2PI * positions) - neg_log_q.sum(dim=(2, 3))  # [B, L]
+        log_det = None
         if self.flow is not None:
             z, log_det = self.flow(z, context)                           # log_det [B, L]
-            log_q = log_q - log_det
         analytic = analytic_kl and self.flow is None
         # log q / log p carry gradients only where they form the KL.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not analytic):
-            log_p = normal_log_prob(z, p_mu, p_log_sigma).sum(dim=(2, 3))
+            log_p_el = normal_log_prob(z, p_mu, p_log_sigma)
+            log_q_el = -(neg_log_q + HALF_LOG_2PI)
+            log_p, log_q = log_p_el.sum(dim=(2, 3)), log_q_el.sum(dim=(2, 3))  # [B, L]
+        if log_det is not None:
+            log_q = log_q - log_det
         if analytic:
             kl = residual_kl(q_mu - p_mu, q_log_sigma - p_log_sigma, p_log_sigma)
             kl, log_q = kl.sum(dim=(2, 3)), log_q.detach()
-        else:
-            kl = log_q - log_p
+        else:  # log q - log p, differenced per element (two large sums would lose digits)
+            kl = (log_q_el - log_p_el).sum(dim=(2, 3))
+            kl = kl if log_det is None else kl - log_det
         stats = GroupStats(z, kl, log_q, log_p, q_mu, q_log_sigma, p_mu, p_log_sigma)
         return self.combiner(state, z), stats
 
