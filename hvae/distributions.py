@@ -5,8 +5,10 @@ even under autocast: low-precision inputs are cast up and the arithmetic runs
 inside ``torch.autocast(..., enabled=False)``.  Float64 inputs stay float64, so
 tests can check the formulas to high precision.
 
-- ``Normal``: diagonal Gaussian latents; ``Normal.residual`` is NVAE's residual
-  posterior whose KL uses Equation 2 of the paper (exact in the deltas).
+- ``Normal``: diagonal Gaussian latents; ``Normal.residual`` is the paper's residual
+  posterior whose KL uses Equation 2 (exact in the deltas); ``Normal.from_raw`` /
+  ``nvae_normal_params`` is NVAE's code: raw outputs soft-clamped, sigma floored at
+  0.01 (the model builds its prior, and its posterior from the raw sums, this way).
 - ``DiscMixLogistic``: discretized mixture of logistics for 1..8-bit images with
   1 or 3 channels (RGB autoregressive means), normalised exactly.
 - ``Bernoulli``: binarised images.
