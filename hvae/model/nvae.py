@@ -194,10 +194,10 @@ class LatentGroup(nn.Module):
         """
         state, p_raw_mu, p_raw_log_sigma = self._enter(state)
         context = enc_feature if self.top else self.enc_combiner(enc_feature, state)
-        d_mu, d_log_sigma = raw_normal_params(self.posterior(context))
-        if self.residual:
-            d_mu, d_log_sigma = p_raw_mu + d_mu, p_raw_log_sigma + d_log_sigma
-        q_mu, q_log_sigma = nvae_normal_params(d_mu, d_log_sigma)
+        q_raw_mu, q_raw_log_sigma = raw_normal_params(self.posterior(context))
+        if self.residual:  # the raw deltas add to the raw prior outputs
+            q_raw_mu, q_raw_log_sigma = p_raw_mu + q_raw_mu, p_raw_log_sigma + q_raw_log_sigma
+        q_mu, q_log_sigma = nvae_normal_params(q_raw_mu, q_raw_log_sigma)
         p_mu, p_log_sigma = nvae_normal_params(p_raw_mu, p_raw_log_sigma)
         # z = mu + sigma * eps, so log q(z) = -eps^2 / 2 - log sigma - log(2 pi) / 2
         # needs no (z - mu) / sigma and keeps no extra tensors for backward.
