@@ -23,6 +23,7 @@ DATASETS = ("mnist_subset", "mnist", "cifar10", "celeba64", "imagenet32",
             "celebahq256", "ffhq256", "lmdb", "folder")
 AMP_MODES = ("none", "fp16", "bf16")
 FLOW_TYPES = ("nvae", "affine")  # hvae.model.flows.make_flow
+COMPILE_MODES = ("none", "regional", "full")  # see hvae/model/compile.py
 
 
 class ConfigError(HvaeError, ValueError):
@@ -171,6 +172,7 @@ class Config:
         need(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
         need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
         need(self.flow_type in FLOW_TYPES, "flow_type", f"one of {', '.join(FLOW_TYPES)}")
+        need(self.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")
         need(1 <= self.num_x_bits <= 8, "num_x_bits", "an integer from 1 to 8")
         need(self.in_channels in (1, 3), "in_channels", "1 or 3")
         need(not (self.binary and self.in_channels != 1), "binary",

@@ -132,6 +132,7 @@ TRAIN = [
     ("--num_x_bits 9", "num_x_bits=9"),
     ("--amp fp8", "amp='fp8'"),
     ("--flow_type afine", "flow_type='afine'"),
+    ("--compile fast", "compile='fast'"),
     ("--in_channels 3", "binary"),
     ("--ema_decay 1", "ema_decay=1.0"),
     ("--max_steps -1", "max_steps=-1"),
