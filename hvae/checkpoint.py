@@ -67,6 +67,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     for key in ("config", "model"):
         if key not in state:
             raise CheckpointError(f"checkpoint {str(path)!r} lacks the {key!r} entry")
+    if isinstance(state["config"], dict):
+        from hvae.config import Config
+        state["config"] = Config.upgrade_saved(state["config"])
     return state
 
 
@@ -135,6 +138,9 @@ class Checkpointer:
         reseed reproducibly (their noise streams differ from rank 0's anyway)."""
         state = load_checkpoint(path, map_location=run.runtime.device)
         missing = [k for k in TRAINING_KEYS if k not in state]
+        if missing and state.get("imported"):
+            Checkpointer._start_from_imported(run, path, state)
+            return
         if missing:
             raise CheckpointError(f"checkpoint {str(path)!r} cannot resume training: it lacks "
                                   f"{', '.join(missing)} (weights only? evaluate it with "
@@ -159,6 +165,26 @@ class Checkpointer:
             set_rng_state(state["rng"])
         else:
             seed_everything(run.config.seed + rank + 1000 * run.step)
+    @staticmethod
+    def _start_from_imported(run, path, state) -> None:
+        """Fine-tuning from imported weights (``scripts/import_nvae.py``): the weights
+        (and the EMA, from them) carry over; optimiser, schedule, spectral vectors and
+        gradient-skip history start fresh at step 0, as the message says."""
+        import sys
+
+        try:
+            run.model.load_state_dict(state["model"])
+            if run.ema is not None:
+                run.ema.model.load_state_dict(state["model"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this config: "
+                                  + describe_mismatch(run.model, state["model"], state["config"],
+                                                      run.config, error=err)) from err
+        source = state["imported"].get("from", "elsewhere") if isinstance(state["imported"], dict) else "elsewhere"
+        print(f"resuming from weights imported from {source} ({path}): fresh optimiser, learning-rate "
+              "schedule and gradient statistics, starting at step 0", file=sys.stderr, flush=True)
+
+
 def describe_mismatch(model: torch.nn.Module, state_dict: Any, saved_config: Any = None,
                       config: Any = None, error: BaseException | None = None) -> str:
     """Why ``state_dict`` does not load into ``model``, in one line: the first mismatching

@@ -22,6 +22,7 @@ from hvae.errors import HvaeError
 DATASETS = ("mnist_subset", "mnist", "cifar10", "celeba64", "imagenet32",
             "celebahq256", "ffhq256", "lmdb", "folder")
 AMP_MODES = ("none", "fp16", "bf16")
+FLOW_TYPES = ("nvae", "affine")  # hvae.model.flows.make_flow
 COMPILE_MODES = ("none", "regional", "full")  # see hvae/model/compile.py
 
 
@@ -65,6 +66,7 @@ class Config:
     use_se: bool = True
     res_dist: bool = True
     num_nf: int = 0             # pairs of IAF cells (opposite orders) after each posterior sample
+    flow_type: str = "nvae"     # "nvae": NVAE's shift cell (log-det 0); "affine": context-conditioned IAF
     num_mixture_dec: int = 10
     channels_last: bool = False
 
@@ -120,6 +122,16 @@ class Config:
         cfg.validate()
         return cfg
 
+    @staticmethod
+    def upgrade_saved(values: dict[str, Any]) -> dict[str, Any]:
+        """A config dict from an older checkpoint, with the fields added since then
+        set to what that checkpoint's model was: runs saved before ``flow_type``
+        existed used the affine IAF."""
+        values = dict(values)
+        if "flow_type" not in values and values.get("num_nf", 0):
+            values["flow_type"] = "affine"
+        return values
+
     def replace(self, **overrides: Any) -> "Config":
         return Config.from_dict({**self.to_dict(), **overrides})
 
@@ -159,6 +171,7 @@ class Config:
                 need(math.isfinite(getattr(self, f.name)), f.name, "a finite number")
         need(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
         need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
+        need(self.flow_type in FLOW_TYPES, "flow_type", f"one of {', '.join(FLOW_TYPES)}")
         need(self.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")
         need(1 <= self.num_x_bits <= 8, "num_x_bits", "an integer from 1 to 8")
         need(self.in_channels in (1, 3), "in_channels", "1 or 3")

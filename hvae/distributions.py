@@ -5,8 +5,10 @@ even under autocast: low-precision inputs are cast up and the arithmetic runs
 inside ``torch.autocast(..., enabled=False)``.  Float64 inputs stay float64, so
 tests can check the formulas to high precision.
 
-- ``Normal``: diagonal Gaussian latents; ``Normal.residual`` is NVAE's residual
-  posterior whose KL uses Equation 2 of the paper (exact in the deltas).
+- ``Normal``: diagonal Gaussian latents; ``Normal.residual`` is the paper's residual
+  posterior whose KL uses Equation 2 (exact in the deltas); ``Normal.from_raw`` /
+  ``nvae_normal_params`` is NVAE's code: raw outputs soft-clamped, sigma floored at
+  0.01 (the model builds its prior, and its posterior from the raw sums, this way).
 - ``DiscMixLogistic``: discretized mixture of logistics for 1..8-bit images with
   1 or 3 channels (RGB autoregressive means), normalised exactly.
 - ``Bernoulli``: binarised images.
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "LOG_SIGMA_BOUND", "soft_clamp", "residual_kl", "normal_log_prob", "Normal", "DiscMixLogistic", "Bernoulli",
+    "LOG_SIGMA_BOUND", "SIGMA_FLOOR", "soft_clamp", "soft_clamp5", "nvae_normal_params", "residual_kl", "normal_log_prob", "Normal", "DiscMixLogistic", "Bernoulli",
     "Transform", "Dequantize", "Logit", "Sigmoid", "Tanh",
 ]
 
@@ -32,6 +34,10 @@ __all__ = [
 LOG_SIGMA_BOUND = 30.0
 
 _LOG_2PI = math.log(2.0 * math.pi)
+
+#: NVAE adds this to every latent sigma (so its top prior is N(0, 1.01^2)); a
+#: floor that keeps 1 / sigma bounded by 100.
+SIGMA_FLOOR = 0.01
 
 
 # ---------------------------------------------------------------- helpers ----
@@ -86,6 +92,27 @@ def _log1mexp(d: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------- Normal ----
+def soft_clamp5(x: torch.Tensor) -> torch.Tensor:
+    """5 tanh(x / 5): NVAE's stabiliser of raw mu / log sigma outputs, ~identity for |x| < 2."""
+    return 5.0 * torch.tanh(x / 5.0)
+
+
+def nvae_normal_params(raw_mu: torch.Tensor, raw_log_sigma: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The effective (mu, log sigma) of NVAE's Normal built from raw network outputs:
+
+        mu = 5 tanh(raw_mu / 5),  sigma = exp(5 tanh(raw_log_sigma / 5)) + SIGMA_FLOOR
+
+    Returned as log sigma = log(exp(clamped) + floor) (a logaddexp, exact and
+    stable), so every density, KL and sample downstream uses the true sigma.
+    In at least float32.
+    """
+    raw_mu, raw_log_sigma = at_least_fp32(raw_mu), at_least_fp32(raw_log_sigma)
+    with _full_precision(raw_mu):
+        floor = torch.full_like(raw_log_sigma, math.log(SIGMA_FLOOR))
+        return soft_clamp5(raw_mu), torch.logaddexp(soft_clamp5(raw_log_sigma), floor)
+
+
 def residual_kl(delta_mu: torch.Tensor, delta_log_sigma: torch.Tensor,
                 prior_log_sigma: torch.Tensor) -> torch.Tensor:
     """NVAE's Equation 2, elementwise: KL(N(mu_p + dmu, sigma_p dsigma) || N(mu_p, sigma_p)).
@@ -146,6 +173,15 @@ class Normal:
             q = cls.__new__(cls)
             q.mu = prior.mu + delta_mu
             q.log_sigma = prior.log_sigma + soft_clamp(delta_log_sigma, bound)
+        return q
+
+    @classmethod
+    def from_raw(cls, raw_mu: torch.Tensor, raw_log_sigma: torch.Tensor) -> "Normal":
+        """NVAE's Normal of raw network outputs (``nvae_normal_params``): what the
+        model's latent groups use; NVAE's residual posterior is ``from_raw`` of the
+        sums of raw prior and raw delta outputs."""
+        q = cls.__new__(cls)
+        q.mu, q.log_sigma = nvae_normal_params(raw_mu, raw_log_sigma)
         return q
 
     @property

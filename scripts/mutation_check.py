@@ -40,6 +40,7 @@ class Mutant:
 
 EV, MODEL, DIST = "tests/test_evaluation.py", "tests/test_model.py", "tests/test_distributions.py"
 OBJ = "tests/test_objectives.py"
+NVAE_REF = "tests/test_nvae_import.py"
 
 MUTANTS = [
     Mutant("flow_log_det_sign", "hvae/model/nvae.py",
@@ -70,8 +71,8 @@ MUTANTS = [
            "torch.where(kk >= self.num_values - 2, highest, interior)",
            [DIST], "DML: the top two bins both get the upper tail mass"),
     Mutant("eq2_kl_drop_log_ratio", "hvae/distributions.py",
-           "return 0.5 * u * u + 0.5 * torch.expm1(2.0 * r) - r",
-           "return 0.5 * u * u + 0.5 * torch.expm1(2.0 * r)",
+           "torch.addcmul(0.5 * torch.expm1(2.0 * r) - r, u, u, value=0.5)",
+           "torch.addcmul(0.5 * torch.expm1(2.0 * r), u, u, value=0.5)",
            [DIST, f"{MODEL}::test_kl_matches_closed_form"],
            "Eq. 2 KL without the - log(dsigma) term"),
     Mutant("eq2_kl_mu_not_scaled", "hvae/distributions.py",
@@ -118,6 +119,18 @@ MUTANTS = [
            "z = p_mu + (t * torch.exp(p_log_sigma))", "z = p_mu + (torch.exp(p_log_sigma) / t)",
            [f"{MODEL}::test_sample_temperature_scales_each_groups_prior_sigma"],
            "the model's prior sampling applies its temperature as sigma / t"),
+    Mutant("shift_sees_own_channel", "hvae/model/flows.py",
+           "deg_h[:, None] > deg_z[None, :]", "deg_h[:, None] >= deg_z[None, :]",
+           [f"{MODEL}::test_shift_cell_is_raster_autoregressive_with_unit_diagonal",
+            f"{MODEL}::test_flow_log_q_is_base_density_minus_jacobian_log_det"],
+           "NVAE's shift cell: m_k sees z_k (not triangular, log-det no longer 0)"),
+    Mutant("sigma_floor_dropped", "hvae/distributions.py",
+           "torch.logaddexp(soft_clamp5(raw_log_sigma), floor)", "soft_clamp5(raw_log_sigma)",
+           [f"{DIST}::test_nvae_normal_is_clamped_with_a_sigma_floor", NVAE_REF],
+           "latent sigma without NVAE's + 0.01"),
+    Mutant("up_skip_align_corners", "hvae/model/cells.py",
+           'mode="bilinear", align_corners=True)', 'mode="bilinear", align_corners=False)',
+           [NVAE_REF], "up-sampling skip interpolates unlike NVAE"),
     Mutant("temperatures_reversed", "hvae/model/nvae.py",
            "t = [float(v) for v in t]", "t = [float(v) for v in t][::-1]",
            [f"{MODEL}::test_sample_temperature_scales_each_groups_prior_sigma",

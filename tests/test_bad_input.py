@@ -131,6 +131,7 @@ TRAIN = [
     ("--batch_size abc", "batch_size='abc'"),
     ("--num_x_bits 9", "num_x_bits=9"),
     ("--amp fp8", "amp='fp8'"),
+    ("--flow_type afine", "flow_type='afine'"),
     ("--compile fast", "compile='fast'"),
     ("--in_channels 3", "binary"),
     ("--ema_decay 1", "ema_decay=1.0"),
@@ -229,6 +230,21 @@ MAKE_LMDB = [
     ("--src {tmp}/images --dst {tmp}/l13 --format jpg", "argument --format"),
     ("--dst {tmp}/l14", "--src"),
 ]
+IMPORT_NVAE = [  # {nvae}: NVAE's rgb8 fixture; {broken}/NAME.pt: copies with one defect each
+    ("{tmp}/missing.pt --out {tmp}/i1.pt", "does not exist"),
+    ("{corrupt} --out {tmp}/i2.pt", "not a readable NVAE checkpoint"),
+    ("{ckpt} --out {tmp}/i3.pt", "lacks 'state_dict'"),
+    ("{broken}/pickled.pt --out {tmp}/i4.pt", "not a readable NVAE checkpoint"),
+    ("{broken}/arch.pt --out {tmp}/i5.pt", "arch_instance 'res_elu' is not supported"),
+    ("{broken}/dataset.pt --out {tmp}/i6.pt", "NVAE dataset 'omniglot'"),
+    ("{broken}/no_flag.pt --out {tmp}/i7.pt", "'num_channels_enc'"),
+    ("{broken}/missing_key.pt --out {tmp}/i8.pt", "lacks 'stem.bias'"),
+    ("{broken}/extra_key.pt --out {tmp}/i9.pt", "'extra.weight'"),
+    ("{broken}/shape.pt --out {tmp}/i10.pt", "'enc0.1.weight' has shape [3, 3, 1, 1]"),
+    ("{broken}/alias.pt --out {tmp}/i11.pt", "not an alias"),
+    ("{nvae} --out {empty}", "--out"),
+    ("{nvae}", "--out"),
+]
 SCRIPTS = [  # the other two entry points share the same plumbing
     ("bench", "--device foo", "'foo' is not a device"),
     ("bench", "--steps 0", "argument --steps"),
@@ -282,6 +298,42 @@ def test_make_lmdb_py(case, needle, files, capsys):
     check_one_line_error("make_lmdb.py", code, err, needle.format(**files))
 
 
+@pytest.fixture(scope="module")
+def nvae_files(files):
+    """NVAE's rgb8 fixture and broken copies of it (one defect each)."""
+    import argparse
+    import copy
+    import types
+
+    nvae = ROOT / "tests" / "fixtures" / "nvae" / "nvae_rgb8_flow1.pt"
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state = torch.load(nvae, weights_only=True)
+    broken = files["tmp"] / "nvae_broken"
+    broken.mkdir()
+
+    def save(name, change):
+        copied = copy.deepcopy(state)
+        change(copied)
+        torch.save(copied, broken / f"{name}.pt")
+
+    save("pickled", lambda s: s.update(args=types.SimpleNamespace(**vars(s["args"]))))
+    save("arch", lambda s: setattr(s["args"], "arch_instance", "res_elu"))
+    save("dataset", lambda s: setattr(s["args"], "dataset", "omniglot"))
+    save("no_flag", lambda s: delattr(s["args"], "num_channels_enc"))
+    save("missing_key", lambda s: s["state_dict"].pop("stem.bias"))
+    save("extra_key", lambda s: s["state_dict"].update({"extra.weight": torch.zeros(1)}))
+    save("shape", lambda s: s["state_dict"].update({"enc0.1.weight": torch.zeros(3, 3, 1, 1)}))
+    alias = next(k for k in state["state_dict"] if k.endswith(".weight_normalized"))
+    save("alias", lambda s: s["state_dict"].update({alias: s["state_dict"][alias] + 1.0}))
+    return {**files, "nvae": nvae, "broken": broken}
+
+
+@pytest.mark.parametrize("case,needle", IMPORT_NVAE, ids=[c for c, _ in IMPORT_NVAE])
+def test_import_nvae_py(case, needle, nvae_files, capsys):
+    code, err = run_in_process(load_script("import_nvae").main, argv_of(case, nvae_files), capsys)
+    check_one_line_error("import_nvae.py", code, err, needle.format(**nvae_files))
+
+
 @pytest.mark.parametrize("script,case,needle", SCRIPTS, ids=[f"{s} {c}" for s, c, _ in SCRIPTS])
 def test_other_scripts(script, case, needle, files, capsys):
     code, err = run_in_process(load_script(script).main, argv_of(case, files), capsys)
@@ -327,6 +379,7 @@ END_TO_END = [
     ("evaluate.py", "--checkpoint {ckpt} --mode decode --latents {tmp}/not_npz.npz",
      "not an .npz archive"),
     ("scripts/make_lmdb.py", "--src {tmp}/bad_images --dst {tmp}/e2e", "005.png"),
+    ("scripts/import_nvae.py", "{ckpt} --out {tmp}/e2e.pt", "lacks 'state_dict'"),
 ]
 
 

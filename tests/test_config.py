@@ -58,6 +58,19 @@ def test_round_trip_through_plain_types_and_weights_only_load(tmp_path):
         assert Config.from_dict(loaded) == c
 
 
+def test_flow_type_defaults_to_nvae_and_older_saved_configs_keep_the_affine_iaf(tmp_path):
+    from hvae.checkpoint import load_checkpoint, save_checkpoint
+
+    assert preset("cifar10").flow_type == "nvae"
+    assert Config.from_dict(preset("cifar10", flow_type="affine").to_dict()).flow_type == "affine"
+    old = preset("cifar10").to_dict()
+    del old["flow_type"]  # a checkpoint written before flow_type existed
+    save_checkpoint(tmp_path / "old.pt", {"config": old, "model": {}})
+    assert load_checkpoint(tmp_path / "old.pt")["config"]["flow_type"] == "affine"
+    no_flows = {k: v for k, v in preset("demo").to_dict().items() if k != "flow_type"}
+    assert Config.from_dict(Config.upgrade_saved(no_flows)).flow_type == "nvae"  # nothing to keep
+
+
 def test_unknown_key_names_the_key_and_suggests():
     with pytest.raises(ConfigError, match=r"num_chanels_enc.*did you mean 'num_channels_enc'"):
         preset("demo", num_chanels_enc=3)
@@ -72,6 +85,7 @@ def test_unknown_key_names_the_key_and_suggests():
     ("learning_rate_min", 1.0, "between"), ("ema_decay", 1.0, r"\[0, 1\)"),
     ("num_postprocess_blocks", 2, "num_preprocess_blocks"),
     ("batch_size", "many", "expected int"), ("use_se", "maybe", "true or false"),
+    ("flow_type", "afine", "nvae, affine"),
 ])
 def test_invalid_values_name_the_field(field, value, needle):
     with pytest.raises(ConfigError, match=field) as err:

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributions as td
 
-from hvae.distributions import (Bernoulli, Dequantize, DiscMixLogistic, Logit, Normal, residual_kl,
-                                Sigmoid, Tanh, soft_clamp)
+from hvae.distributions import (SIGMA_FLOOR, Bernoulli, Dequantize, DiscMixLogistic, Logit, Normal,
+                                Sigmoid, Tanh, nvae_normal_params, residual_kl, soft_clamp)
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +35,26 @@ def test_soft_clamp_is_identity_for_moderate_values_and_bounded():
     n = Normal(torch.zeros(2), torch.tensor([-1e3, 1e3]))
     assert torch.isfinite(n.sigma).all() and (n.sigma > 0).all()
     assert torch.isfinite(n.kl(Normal(torch.zeros(2), torch.zeros(2)))).all()
+
+
+def test_nvae_normal_is_clamped_with_a_sigma_floor():
+    """NVAE's Normal of raw outputs: mu = 5 tanh(mu/5), sigma = exp(5 tanh(ls/5)) + 0.01,
+    written out here; log sigma is that of the floored sigma (not the clamped raw value)."""
+    raw_mu = torch.linspace(-40, 40, 201, dtype=torch.float64)
+    raw_ls = torch.linspace(-40, 40, 201, dtype=torch.float64).flip(0)
+    mu, log_sigma = nvae_normal_params(raw_mu, raw_ls)
+    torch.testing.assert_close(mu, 5 * torch.tanh(raw_mu / 5), rtol=1e-12, atol=1e-12)
+    sigma = torch.exp(5 * torch.tanh(raw_ls / 5)) + SIGMA_FLOOR
+    torch.testing.assert_close(log_sigma, torch.log(sigma), rtol=1e-12, atol=1e-12)
+    assert mu.dtype == torch.float64 and log_sigma.min() > math.log(SIGMA_FLOOR)
+    top = nvae_normal_params(torch.zeros(1), torch.zeros(1))[1]  # raw (0, 0): NVAE's top prior
+    torch.testing.assert_close(top, torch.tensor([math.log(1.01)]))
+    q = Normal.from_raw(raw_mu, raw_ls)
+    z = torch.randn(201, dtype=torch.float64)
+    torch.testing.assert_close(q.log_prob(z), td.Normal(mu, sigma).log_prob(z), rtol=1e-10, atol=1e-10)
+    p = Normal.from_raw(raw_mu.roll(5), raw_ls.roll(9))
+    ref = td.kl_divergence(td.Normal(q.mu, q.sigma), td.Normal(p.mu, p.sigma))
+    torch.testing.assert_close(q.kl(p), ref, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("extreme", [False, True])

@@ -15,7 +15,7 @@ from hvae.config import PRESETS, preset
 from hvae.distributions import Normal
 from hvae.model import NVAE, NVAEOutput
 from hvae.model.cells import Conv2d, bn_act_conv, batch_norm
-from hvae.model.flows import IAFCell
+from hvae.model.flows import IAFCell, ShiftCell
 from latent_probes import (combiner_latents, jacobian_log_det, normal_log_density, per_image,
                            perturb_flows, priors_given, record_inputs, standardised)
 
@@ -31,8 +31,11 @@ REDUCED = {
     "celebahq256": dict(TINY, image_size=32, num_groups_per_scale=4, min_groups_per_scale=1),
     "ffhq256": dict(TINY, image_size=32, num_groups_per_scale=4, min_groups_per_scale=1),
 }
-# Parameter counts of the reference NVAE implementation with the same flags (num_nf=0).
-REFERENCE_COUNTS = {"mnist": 33_363_134, "cifar10": 129_215_680}
+# Parameter counts of NVAE's own code (NVlabs/NVAE 9fc1a28) with the presets' flags,
+# flows included (NVAE's shift cells, the default flow_type); cifar10 also without.
+REFERENCE_COUNTS = {("mnist", 0): 33_363_134, ("cifar10", 0): 129_215_680,
+                    ("cifar10", 1): 130_852_480, ("celeba64", 1): 153_281_364,
+                    ("imagenet32", 1): 268_509_444, ("celebahq256", 2): 330_798_664}
 
 
 def num_params(model):
@@ -67,11 +70,15 @@ def test_every_preset_builds(name):
             assert all(g.flow is not None and len(g.flow.cells) == 2 * nf for g in model.groups)
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
-def test_param_count_matches_reference(name):
+@pytest.mark.parametrize("name,num_nf", sorted(REFERENCE_COUNTS))
+def test_param_count_equals_nvae(name, num_nf):
     with torch.device("meta"):
-        model = NVAE(preset(name, num_nf=0))
-    assert abs(num_params(model) / REFERENCE_COUNTS[name] - 1) < 0.02
+        model = NVAE(preset(name, num_nf=num_nf))
+    assert num_params(model) == REFERENCE_COUNTS[name, num_nf]
+    if num_nf:  # the affine IAF is another cell, with more parameters
+        with torch.device("meta"):
+            affine = NVAE(preset(name, num_nf=num_nf, flow_type="affine"))
+        assert num_params(affine) > num_params(model)
 
 
 def test_knobs_change_the_model():
@@ -164,8 +171,9 @@ def test_kl_matches_closed_form():
         expected = _closed_form_kl(mq, sq, mp, sp)
         torch.testing.assert_close(kl_c.double(), expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(kl.double(), expected.sum(1), rtol=1e-4, atol=1e-3)
-    # the top prior is N(0, 1); the others come from the decoder
-    assert torch.all(out.p_mu[0] == 0) and torch.all(out.p_log_sigma[0] == 0)
+    # the top prior is NVAE's N(0, 1.01^2) (sigma floor 0.01); the others come from the decoder
+    assert torch.all(out.p_mu[0] == 0)
+    torch.testing.assert_close(out.p_log_sigma[0], torch.full_like(out.p_log_sigma[0], math.log(1.01)))
     assert not torch.all(out.p_mu[1] == 0)
 
 
@@ -248,6 +256,44 @@ def test_flow_cell_jacobian_is_triangular_with_matching_log_det(reverse):
     assert log_det.sum().abs() > 1e-3
 
 
+@pytest.mark.parametrize("mirror", [False, True])
+def test_shift_cell_is_raster_autoregressive_with_unit_diagonal(mirror):
+    """NVAE's cell: z'_k at position p depends on z at positions before p (raster
+    order; reversed when mirrored) and on channels < k at p; dz'/dz has a unit
+    diagonal, so log|det| = 0, which is what the cell reports.  The context is
+    ignored."""
+    torch.manual_seed(3)
+    cell = ShiftCell(3, mirror=mirror).double()
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    z = torch.randn(1, 3, 3, 3, dtype=torch.double)
+    jac = torch.autograd.functional.jacobian(lambda v: cell(v)[0], z).reshape(27, 27)
+    # order: position-major (raster), then channel; mirrored cells run positions backwards
+    pos = torch.arange(9).flip(0) if mirror else torch.arange(9)
+    perm = (pos[:, None] + 9 * torch.arange(3)[None, :]).reshape(-1)
+    jac = jac[perm][:, perm]
+    assert torch.allclose(jac, torch.tril(jac), atol=1e-12)
+    torch.testing.assert_close(torch.diagonal(jac), torch.ones(27, dtype=torch.double))
+    assert torch.tril(jac, -1).abs().max() > 1e-3  # genuinely autoregressive
+    z1, log_det = cell(z, torch.randn(1, 5, 3, 3, dtype=torch.double))
+    assert torch.equal(z1, cell(z)[0]) and torch.equal(log_det, torch.zeros(1, 3, dtype=torch.double))
+
+
+def test_flow_types_and_nvae_parameter_layout():
+    """NVAE's cell by default, with NVAE's parameter shapes; the affine IAF by name."""
+    model = make("cifar10", num_nf=1)
+    cell = model.groups[0].flow.cells[0]
+    assert isinstance(cell, ShiftCell) and len(model.groups[0].flow.cells) == 2
+    shapes = {k: list(v.shape) for k, v in cell.state_dict().items()}
+    L = model.config.num_latent_per_group
+    assert shapes == {"inp.weight": [6 * L, L, 3, 3], "inp.log_weight_norm": [6 * L, 1, 1, 1],
+                      "mid.weight": [6 * L, 1, 5, 5], "mid.log_weight_norm": [6 * L, 1, 1, 1],
+                      "out.weight": [L, 6 * L, 1, 1], "out.bias": [L],
+                      "out.log_weight_norm": [L, 1, 1, 1]}
+    assert isinstance(make("cifar10", num_nf=1, flow_type="affine").groups[0].flow.cells[0], IAFCell)
+
+
 def test_flow_log_det_depends_on_context_and_starts_near_identity():
     torch.manual_seed(0)
     cell = IAFCell(4, 3, reverse=False)
@@ -266,8 +312,9 @@ def _flow_model(name="cifar10", num_nf=1, **overrides):
     return perturb_flows(make(name, num_nf=num_nf, **overrides), seed=7)
 
 
+@pytest.mark.parametrize("flow_type", ["nvae", "affine"])
 @pytest.mark.parametrize("use_mean", [False, True])
-def test_flow_log_q_is_base_density_minus_jacobian_log_det(use_mean):
+def test_flow_log_q_is_base_density_minus_jacobian_log_det(use_mean, flow_type):
     """With flows, log q(z) = log N(z0; mu_q, sigma_q) - log|det dz/dz0| per group.
 
     z0 and the flow's context are captured from outside (pre-hooks on each
@@ -278,7 +325,7 @@ def test_flow_log_q_is_base_density_minus_jacobian_log_det(use_mean):
     against a tolerance of 5e-3.  Nothing beyond ``flow(z0, context) -> (z,
     log_det)`` is assumed, so a volume-preserving flow passes with log-det 0.
     """
-    model = _flow_model()
+    model = _flow_model(flow_type=flow_type)
     x = data(model, batch=2)
     with torch.no_grad(), record_inputs([g.flow for g in model.groups]) as calls:
         torch.manual_seed(3)

@@ -219,14 +219,17 @@ class FactorizedReduce(nn.Module):
 
 class UpSkip(nn.Module):
     """Up-sampling skip: bilinear x2 and a 1x1 conv (run before the up-sampling:
-    both are linear and the conv is bias-free, so they commute and it is 4x cheaper)."""
+    both are linear and the conv is bias-free, so they commute and it is 4x cheaper).
+
+    ``align_corners=True`` is NVAE's interpolation (so its checkpoints compute the
+    same function here); it maps the corner pixels onto each other."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.conv = Conv2d(c_in, c_out, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(self.conv(x), scale_factor=2, mode="bilinear", align_corners=False)
+        return F.interpolate(self.conv(x), scale_factor=2, mode="bilinear", align_corners=True)
 
 
 class EncCell(nn.Module):

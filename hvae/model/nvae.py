@@ -1,5 +1,5 @@
 """The NVAE tower (Vahdat & Kautz, 2020): bottom-up encoder, top-down decoder
-with a residual-Normal posterior per latent group, optional IAF cells.
+with a residual-Normal posterior per latent group, optional flow cells.
 
     x -> pad, 2x-1 -> stem -> pre-processing blocks -> encoder tower (finest
     scale first; the feature after each group's cells is kept) -> ELU-Conv-ELU
@@ -8,10 +8,15 @@ with a residual-Normal posterior per latent group, optional IAF cells.
     learned h0 -> for each group i (top first), ``LatentGroup``:
         [first group of a finer scale] up-sampling cell
         [i > 0] decoder cells; prior p_i = ELU-Conv1x1(state)
-        posterior q_i = N(mu_p + dmu, sigma_p * dsigma) from
-                        Conv3x3(encoder feature + Conv1x1(decoder state))
-        z ~ q_i -> IAF cells (conditioned on that feature) -> state = Conv1x1([state, z])
+        posterior q_i = Normal of the raw sums (mu_p + dmu, log sigma_p + dlog sigma),
+                        the deltas from Conv3x3(encoder feature + Conv1x1(decoder state))
+        z ~ q_i -> flow cells (NVAE's shift, or the context-conditioned affine IAF)
+                -> state = Conv1x1([state, z])
     -> post-processing blocks -> ELU-Conv3x3 -> Bernoulli logits or DML params.
+
+Every latent Normal is NVAE's: mu = 5 tanh(raw / 5), sigma = exp(5 tanh(raw / 5))
++ 0.01 (``hvae.distributions.nvae_normal_params``), so NVAE's checkpoints
+compute the same function here (``scripts/import_nvae.py``).
 
 Latent groups are indexed top (coarsest) first everywhere.  One top-down loop
 (``NVAE.top_down``) serves training, encoding, decoding and sampling; sampling
@@ -30,10 +35,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hvae.config import Config
-from hvae.distributions import Bernoulli, DiscMixLogistic, normal_log_prob, residual_kl
+from hvae.distributions import (Bernoulli, DiscMixLogistic, nvae_normal_params, normal_log_prob,
+                                residual_kl)
 from hvae.model.bank import stacked_weights
 from hvae.model.cells import ELU, Conv2d, DecCell, DecCombiner, EncCell, EncCombiner
-from hvae.model.flows import IAFFlow
+from hvae.model.flows import make_flow
 
 DEC_EXPAND = 6    # mbconv expansion in the decoder tower
 POST_EXPAND = 3   # ... and in the post-processing blocks
@@ -41,14 +47,10 @@ OUTPUTS = ("auto", "sample", "mean")
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def soft_clamp5(x: torch.Tensor) -> torch.Tensor:
-    """Keep raw mu / log sigma outputs in (-5, 5) (NVAE's stabiliser); ~identity for |x| < 2."""
-    return 5.0 * torch.tanh(x / 5.0)
-
-
-def normal_params(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A conv's 2L output channels -> (mu, log sigma), soft-clamped, in float32."""
-    mu, log_sigma = soft_clamp5(raw.float()).chunk(2, dim=1)
+def raw_normal_params(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv's 2L output channels -> raw (mu, log sigma), in float32 (not yet clamped:
+    NVAE clamps the *sums* of raw prior and posterior outputs)."""
+    mu, log_sigma = raw.float().chunk(2, dim=1)
     return mu, log_sigma
 
 
@@ -146,7 +148,8 @@ class LatentGroup(nn.Module):
     """One step of the top-down pass (cf. VDVAE's DecBlock): enter the group's
     scale, read the prior, draw z from the posterior (or the prior), combine.
 
-    The top group has no decoder cells, a fixed N(0, 1) prior and takes its
+    The top group has no decoder cells, a fixed prior (raw outputs 0, 0, so
+    N(0, 1.01^2) with the sigma floor) and takes its
     posterior from the encoder alone.  A group that starts a finer scale first
     up-samples the state (``up``).
     """
@@ -163,11 +166,11 @@ class LatentGroup(nn.Module):
             self.prior = nn.Sequential(ELU(), Conv2d(c_dec, 2 * L, 1))
             self.enc_combiner = EncCombiner(c_enc, c_dec)
         self.posterior = Conv2d(c_enc, 2 * L, 3)
-        self.flow = IAFFlow(L, c_enc, cfg.num_nf) if cfg.num_nf > 0 else None
+        self.flow = make_flow(cfg.flow_type, L, c_enc, cfg.num_nf) if cfg.num_nf > 0 else None
         self.combiner = DecCombiner(c_dec, L)
 
     def _enter(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(decoder state at this group, prior mu, prior log sigma)."""
+        """(decoder state at this group, raw prior mu, raw prior log sigma)."""
         if self.up is not None:
             state = self.up(state)
         if self.top:
@@ -175,22 +178,27 @@ class LatentGroup(nn.Module):
                                     dtype=torch.float32)
             return state, zeros, zeros
         state = self.dec_cells(state)
-        return (state, *normal_params(self.prior(state)))
+        return (state, *raw_normal_params(self.prior(state)))
 
     def forward(self, state: torch.Tensor, enc_feature: torch.Tensor, use_mean: bool = False,
                 analytic_kl: bool = True) -> tuple[torch.Tensor, GroupStats]:
         """Posterior step: (next decoder state, this group's tensors).
 
-        ``analytic_kl`` asks for the closed-form KL (Eq. 2); a group with flows
-        always uses the Monte-Carlo estimate log q(z) - log p(z).
+        As in NVAE, the residual posterior is the Normal of the *sums* of the raw
+        prior and raw posterior outputs (clamped after adding), and every sigma
+        has the 0.01 floor (``nvae_normal_params``).  The stored log sigmas are
+        those of the effective sigmas, so log q, log p, the KL and sampling all
+        use one Normal.  ``analytic_kl`` asks for the closed-form KL (Eq. 2 of
+        the effective parameters); a group with flows always uses the
+        Monte-Carlo estimate log q(z) - log p(z).
         """
-        state, p_mu, p_log_sigma = self._enter(state)
+        state, p_raw_mu, p_raw_log_sigma = self._enter(state)
         context = enc_feature if self.top else self.enc_combiner(enc_feature, state)
-        d_mu, d_log_sigma = normal_params(self.posterior(context))
-        if self.residual:
-            q_mu, q_log_sigma = p_mu + d_mu, p_log_sigma + d_log_sigma
-        else:
-            q_mu, q_log_sigma = d_mu, d_log_sigma
+        q_raw_mu, q_raw_log_sigma = raw_normal_params(self.posterior(context))
+        if self.residual:  # the raw deltas add to the raw prior outputs
+            q_raw_mu, q_raw_log_sigma = p_raw_mu + q_raw_mu, p_raw_log_sigma + q_raw_log_sigma
+        q_mu, q_log_sigma = nvae_normal_params(q_raw_mu, q_raw_log_sigma)
+        p_mu, p_log_sigma = nvae_normal_params(p_raw_mu, p_raw_log_sigma)
         # z = mu + sigma * eps, so log q(z) = -eps^2 / 2 - log sigma - log(2 pi) / 2
         # needs no (z - mu) / sigma and keeps no extra tensors for backward.
         if use_mean:
@@ -199,32 +207,33 @@ class LatentGroup(nn.Module):
             eps = torch.randn_like(q_mu)
             z = torch.addcmul(q_mu, torch.exp(q_log_sigma), eps)
             neg_log_q = torch.addcmul(q_log_sigma, eps, eps, value=0.5)
-        positions = q_mu.shape[2] * q_mu.shape[3]
-        log_q = (-HALF_LOG_2PI * positions) - neg_log_q.sum(dim=(2, 3))  # [B, L]
+        log_det = None
         if self.flow is not None:
             z, log_det = self.flow(z, context)                           # log_det [B, L]
-            log_q = log_q - log_det
         analytic = analytic_kl and self.flow is None
         # log q / log p carry gradients only where they form the KL.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not analytic):
-            log_p = normal_log_prob(z, p_mu, p_log_sigma).sum(dim=(2, 3))
+            log_p_el = normal_log_prob(z, p_mu, p_log_sigma)
+            log_q_el = -(neg_log_q + HALF_LOG_2PI)
+            log_p, log_q = log_p_el.sum(dim=(2, 3)), log_q_el.sum(dim=(2, 3))  # [B, L]
+        if log_det is not None:
+            log_q = log_q - log_det
         if analytic:
-            if self.residual:
-                kl = residual_kl(d_mu, d_log_sigma, p_log_sigma)
-            else:
-                kl = residual_kl(q_mu - p_mu, q_log_sigma - p_log_sigma, p_log_sigma)
+            kl = residual_kl(q_mu - p_mu, q_log_sigma - p_log_sigma, p_log_sigma)
             kl, log_q = kl.sum(dim=(2, 3)), log_q.detach()
-        else:
-            kl = log_q - log_p
+        else:  # log q - log p, differenced per element (two large sums would lose digits)
+            kl = (log_q_el - log_p_el).sum(dim=(2, 3))
+            kl = kl if log_det is None else kl - log_det
         stats = GroupStats(z, kl, log_q, log_p, q_mu, q_log_sigma, p_mu, p_log_sigma)
         return self.combiner(state, z), stats
 
     def sample(self, state: torch.Tensor, t: float = 1.0, z: torch.Tensor | None = None
                ) -> torch.Tensor:
         """Prior step: the next decoder state for the given ``z``, or for
-        z ~ N(mu_p, (t sigma_p)^2) when ``z`` is None."""
-        state, p_mu, p_log_sigma = self._enter(state)
+        z ~ N(mu_p, (t sigma_p)^2) when ``z`` is None (t scales the floored sigma, as in NVAE)."""
+        state, p_raw_mu, p_raw_log_sigma = self._enter(state)
         if z is None:
+            p_mu, p_log_sigma = nvae_normal_params(p_raw_mu, p_raw_log_sigma)
             z = p_mu + (t * torch.exp(p_log_sigma)) * torch.randn_like(p_mu)
         return self.combiner(state, z)
 
