@@ -31,7 +31,7 @@ from hvae import data as hdata
 from hvae import evaluation as ev
 from hvae import objectives
 from hvae.checkpoint import Checkpointer
-from hvae.config import Config
+from hvae.config import Config, ConfigError
 from hvae.errors import HvaeError
 from hvae.logger import MetricsLogger
 from hvae.model import NVAE
@@ -88,7 +88,7 @@ class Trainer:
         # optimiser steps per epoch: each takes ``accum`` loader batches (a remainder is dropped)
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
-            raise ValueError(f"grad_accum_steps={self.accum} needs at least that many batches per "
+            raise ConfigError(f"grad_accum_steps={self.accum} needs at least that many batches per "
                              f"epoch, but the training data gives {len(self.train_loader)} per "
                              "process: lower --grad_accum_steps or --batch_size")
         self.schedule = Schedule.for_run(cfg, self.steps_per_epoch)

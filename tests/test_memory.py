@@ -1,0 +1,157 @@
+"""Memory features (issue #17): gradient accumulation, activation checkpointing, the soft clamp."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hvae.checkpoint import load_checkpoint
+from hvae.runtime import Runtime
+from hvae.training import Trainer, train
+
+from test_training import (_assert_same_run, bernoulli_batch, digit_folder,  # noqa: F401
+                           folder_config, tiny)
+
+
+# ------------------------------------------------------- gradient accumulation --
+def _deterministic(trainer: Trainer) -> None:
+    """BatchNorm on running statistics and posterior means instead of samples: the
+    loss of a batch is then the mean of its images' losses, however it is split."""
+    model = trainer.model
+
+    def train(mode=True):
+        nn.Module.train(model, mode)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return model
+
+    model.train = train
+    trainer.train_step_fn.net = lambda x, **kw: model(x, use_mean=True, **kw)
+
+
+def test_accumulated_micro_batches_take_the_big_batch_update(tmp_path):
+    """2 micro-batches of 8 == one batch of 16: gradients, loss and weights (BN in eval mode)."""
+    cfg = tiny(tmp_path, ema_decay=0.0, grad_clip=0.0, kl_balance=False, batch_size=8)
+    x = bernoulli_batch(16, seed=3)
+    results = []
+    for batches in (x, [x[:8], x[8:]]):
+        trainer = Trainer(cfg, Runtime(), progress=False, loaders=([x], [x]))
+        _deterministic(trainer)
+        metrics = trainer.train_step(batches)
+        assert not metrics["skipped"]
+        results.append((metrics, {n: p.grad.clone() for n, p in trainer.model.named_parameters()},
+                        {k: v.clone() for k, v in trainer.model.state_dict().items()}))
+    (m1, g1, w1), (m2, g2, w2) = results
+    for key in ("loss", "nelbo", "recon", "kl", "reg", "grad_norm"):
+        torch.testing.assert_close(m2[key], m1[key], rtol=1e-5, atol=1e-5, msg=key)
+    scale = max(g.abs().max().item() for g in g1.values())
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
+    for name in w1:  # Adamax: float noise in a tiny gradient moves a weight by lr * noise / eps
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+class _RecordingNet:
+    """The model with a DDP-like ``no_sync``: records which forwards ran inside it."""
+
+    def __init__(self, model):
+        self.model, self.calls, self._in_no_sync = model, [], False
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self._in_no_sync = True
+        try:
+            yield
+        finally:
+            self._in_no_sync = False
+
+    def __call__(self, x, **kw):
+        self.calls.append(self._in_no_sync)
+        return self.model(x, **kw)
+
+
+def test_all_but_the_last_micro_batch_skip_the_all_reduce(tmp_path):
+    cfg = tiny(tmp_path, grad_accum_steps=3, batch_size=4)
+    batches = [bernoulli_batch(4, seed=i) for i in range(3)]
+    trainer = Trainer(cfg, Runtime(), progress=False, loaders=(batches, batches))
+    net = trainer.train_step_fn.net = _RecordingNet(trainer.model)
+    assert not trainer.train_step(batches)["skipped"]
+    assert net.calls == [True, True, False]
+    assert trainer.steps_per_epoch == 1 and trainer.global_batch == 12
+
+
+def test_schedules_count_optimiser_steps(tmp_path, digit_folder):
+    """Epochs of 5 loader batches are 2 optimiser steps of 2 micro-batches (one left over)."""
+    one = Trainer(folder_config(tmp_path / "a", digit_folder, batch_size=8, epochs=3),
+                  Runtime(), progress=False)
+    two = Trainer(folder_config(tmp_path / "b", digit_folder, batch_size=8, epochs=3,
+                                grad_accum_steps=2, warmup_epochs=1.0), Runtime(), progress=False)
+    assert len(two.train_loader) == 5 and one.steps_per_epoch == 5
+    assert two.steps_per_epoch == 2 and two.total_steps == 6
+    assert two.schedule.lr_warmup_steps == 2
+
+
+ACCUM_RUN = dict(max_steps=5, deterministic=True, checkpoint_every=2, ema_decay=0.9,
+                 batch_size=8, grad_accum_steps=2)
+
+
+def test_stop_between_micro_batches_resumes_bit_identically(tmp_path, digit_folder):
+    """SIGTERM during the second micro-batch of the third step: the step finishes, the
+    run stops after it, and the resumed run equals an uninterrupted one bit for bit."""
+    import signal
+    reference = folder_config(tmp_path / "ref", digit_folder, **ACCUM_RUN)
+    train(reference, progress=False)
+
+    cfg = folder_config(tmp_path / "stop", digit_folder, **ACCUM_RUN)
+    trainer = Trainer(cfg, Runtime(), progress=False)
+    forwards = []
+
+    def hook(module, args):
+        forwards.append(trainer.step)
+        if len(forwards) == 6:  # step 2's second micro-batch
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.model.register_forward_pre_hook(hook)
+    from hvae.runtime import Interrupted
+    with pytest.raises(Interrupted):
+        trainer.fit()
+    ckpt = Path(cfg.out) / cfg.run_name / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    assert state["step"] == 3 and state["data_position"] == {"epoch": 1, "batch": 2}
+    train(cfg, progress=False, resume=ckpt)
+    _assert_same_run(reference, cfg)
+
+
+def test_ddp_with_accumulation_takes_the_single_process_update(tmp_path):
+    """2 gloo ranks x 2 micro-batches (no_sync on the first) == 1 process averaging the
+    4 micro-batches' gradients, each rank's noise stream replayed."""
+    import copy
+    from test_training import _ddp_worker, _free_port
+    cfg = tiny(tmp_path, ema_decay=0.0, grad_clip=0.0, grad_accum_steps=2, batch_size=4)
+    batches = [[bernoulli_batch(4, seed=2 * r + k) for k in range(2)] for r in range(2)]
+    out_file = tmp_path / "ddp.pt"
+    torch.multiprocessing.start_processes(
+        _ddp_worker, args=(2, _free_port(), cfg.to_dict(), batches, str(out_file)),
+        nprocs=2, start_method="spawn")
+    ddp = torch.load(out_file)
+
+    reference = Trainer(cfg, Runtime(), progress=False, loaders=(batches, batches[0]))
+    spectral_state = copy.deepcopy(reference.spectral.state_dict())
+    step, grads = reference.train_step_fn, []
+    for rank, micro in enumerate(batches):
+        reference.spectral.load_state_dict(spectral_state)
+        torch.manual_seed(100 + rank)
+        step.forward_backward(micro[0], 0, weight=0.5, first=True, last=False)
+        loss, _ = step.forward_backward(micro[1], 0, weight=0.5, first=False, last=True)
+        grads.append([p.grad.clone() for p in reference.model.parameters()])
+    for p, ga, gb in zip(reference.model.parameters(), *grads):
+        p.grad = (ga + gb) / 2
+    scale = max(p.grad.abs().max().item() for p in reference.model.parameters())
+    for name, p in reference.model.named_parameters():
+        torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=1e-4, atol=1e-6 * scale,
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
