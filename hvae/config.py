@@ -198,6 +198,8 @@ class Config:
         need(self.num_postprocess_blocks == self.num_preprocess_blocks, "num_postprocess_blocks",
              "equal to num_preprocess_blocks (each post-processing block undoes one "
              "pre-processing down-sampling)")
+        need(not (self.activation_checkpointing and self.sync_bn), "activation_checkpointing",
+             "not with sync_bn (a recomputed SyncBatchNorm would update its statistics twice)")
         factor = self.downsample_factor
         need(self.padded_size % factor == 0, "image_size",
              f"image_size + 2*pad_input ({self.padded_size}) must be divisible by "

@@ -36,6 +36,7 @@ from hvae.errors import HvaeError
 from hvae.logger import MetricsLogger
 from hvae.model import NVAE
 from hvae.model.compile import compile_model
+from hvae.model.remat import enable_activation_checkpointing
 from hvae.runtime import Interrupted, Runtime, StopSignals, init_runtime, seed_everything
 from hvae.schedules import Schedule
 from hvae.step import EMA, GradSkipper, TrainStep
@@ -107,6 +108,7 @@ class Trainer:
                                             foreach=True)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         compile_model(self.model, cfg.compile)  # after the EMA copy: evaluation stays eager
+        enable_activation_checkpointing(self.model, cfg.activation_checkpointing)  # after compile
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.skipper = GradSkipper(cfg.grad_skip_factor, enabled=cfg.grad_skip, device=device)
         self.train_step_fn = TrainStep(self.model, net, cfg, rt, self.schedule, self.optimizer,
