@@ -236,3 +236,17 @@ def test_checkpointing_trains_under_amp_and_compile_and_skips_bad_batches(tmp_pa
         runs.append(torch.stack(losses))
     assert torch.isfinite(runs[1]).all()
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------- cheaper activations --
+def test_soft_clamp_keeps_one_tensor_and_has_the_tanh_gradient():
+    from hvae.model.nvae import soft_clamp5
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True) * 4
+    x.retain_grad()
+    assert torch.autograd.gradcheck(soft_clamp5, (x.detach().requires_grad_(),))
+    ref = 5.0 * torch.tanh(x / 5.0)
+    torch.testing.assert_close(soft_clamp5(x), ref, rtol=0, atol=0)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = soft_clamp5(x.float())
+    assert len(kept) == 1 and kept[0] is y or kept[0].data_ptr() == y.data_ptr()

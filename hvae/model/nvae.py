@@ -43,7 +43,24 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 def soft_clamp5(x: torch.Tensor) -> torch.Tensor:
     """Keep raw mu / log sigma outputs in (-5, 5) (NVAE's stabiliser); ~identity for |x| < 2."""
-    return 5.0 * torch.tanh(x / 5.0)
+    return _SoftClamp5.apply(x)
+
+
+class _SoftClamp5(torch.autograd.Function):
+    """5 tanh(x / 5) keeping only its output for backward (autograd would keep tanh's
+    output too, a second tensor of the same size): d/dx = 1 - (y / 5)^2."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = 5.0 * torch.tanh(x / 5.0)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        t = y * 0.2
+        return grad * (1.0 - t * t)
 
 
 def normal_params(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
