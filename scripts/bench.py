@@ -192,7 +192,8 @@ def resident_at_backward(config) -> dict:
         measured["live"] = tracker.live_bytes()
         raise _BackwardStarts
 
-    cfg, device, measured = config, torch.device("cuda"), {}
+    # channels-last changes layouts, not sizes (and converting fake parameters fails)
+    cfg, device, measured = config.replace(channels_last=False), torch.device("cuda"), {}
     with FakeTensorMode(), torch.device(device), \
             mock.patch.object(step_module, "autocast", cuda_autocast), \
             mock.patch.object(torch.Tensor, "backward", stop), \
@@ -221,7 +222,7 @@ def resident_at_backward(config) -> dict:
              "activations": measured["live"]}  # everything the step made that is still alive
     gib = {k: round(v / 2**30, 3) for k, v in parts.items()}
     return {"resident_at_backward_gib": round(sum(parts.values()) / 2**30, 3),
-            "resident_parts_gib": gib}
+            "resident_parts_gib": gib, "resident_parts_bytes": parts}
 
 
 def explain_counts(model, x) -> dict:

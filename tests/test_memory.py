@@ -250,3 +250,19 @@ def test_soft_clamp_keeps_one_tensor_and_has_the_tanh_gradient():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
         y = soft_clamp5(x.float())
     assert len(kept) == 1 and kept[0] is y or kept[0].data_ptr() == y.data_ptr()
+
+
+# ------------------------------------------------------------ the memory benchmark --
+def test_bench_measures_memory_on_fake_cuda_tensors(tmp_path):
+    """The fake-tensor measurement runs without a GPU; checkpointing and bf16 lower it."""
+    from test_bad_input import load_script
+    bench = load_script("bench")
+    cfg = tiny(tmp_path, batch_size=32)
+    gib = {(amp, remat): bench.resident_at_backward(cfg.replace(amp=amp, activation_checkpointing=remat))
+           for amp in ("none", "bf16") for remat in (False, True)}
+    parts = gib["none", False]["resident_parts_bytes"]
+    assert parts["optimizer"] == pytest.approx(2 * parts["ema"], rel=0.2) and parts["activations"] > 0
+    act = {k: v["resident_parts_bytes"]["activations"] for k, v in gib.items()}
+    assert act["none", True] < 0.6 * act["none", False]
+    assert act["bf16", False] < act["none", False] and act["bf16", True] < act["none", True]
+    assert not torch.is_autocast_enabled("cuda")  # the measurement leaves no state behind
