@@ -59,8 +59,7 @@ class _SoftClamp5(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        t = y * 0.2
-        return grad * (1.0 - t * t)
+        return torch.addcmul(grad, grad * y, y, value=-0.04)  # grad * (1 - (y / 5)^2)
 
 
 def normal_params(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
