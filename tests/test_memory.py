@@ -287,3 +287,16 @@ def test_torchrun_trains_with_accumulation_and_checkpointing(tmp_path):
     assert "global batch 32 = batch_size 8 x grad_accum_steps 2 x 2 process(es)" in proc.stderr
     summary = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][0])
     assert summary["steps"] == 3 and summary["skipped_steps"] == 0
+
+
+def test_configs_without_the_new_fields_still_load():
+    """Checkpoints written before issue #17 have no grad_accum_steps / activation_checkpointing."""
+    from hvae.config import Config, ConfigError, preset
+    old = {k: v for k, v in preset("demo").to_dict().items()
+           if k not in ("grad_accum_steps", "activation_checkpointing")}
+    cfg = Config.from_dict(old)
+    assert cfg.grad_accum_steps == 1 and cfg.activation_checkpointing is False
+    new = preset("demo", grad_accum_steps=4, activation_checkpointing=True)
+    assert Config.from_dict(new.to_dict()) == new
+    with pytest.raises(ConfigError, match="sync_bn"):
+        preset("demo", activation_checkpointing=True, sync_bn=True)
