@@ -22,6 +22,7 @@ from hvae.errors import HvaeError
 DATASETS = ("mnist_subset", "mnist", "cifar10", "celeba64", "imagenet32",
             "celebahq256", "ffhq256", "lmdb", "folder")
 AMP_MODES = ("none", "fp16", "bf16")
+COMPILE_MODES = ("none", "regional", "full")  # see hvae/model/compile.py
 
 
 class ConfigError(HvaeError, ValueError):
@@ -164,6 +165,7 @@ class Config:
                 need(math.isfinite(getattr(self, f.name)), f.name, "a finite number")
         need(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
         need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
+        need(self.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")
         need(1 <= self.num_x_bits <= 8, "num_x_bits", "an integer from 1 to 8")
         need(self.in_channels in (1, 3), "in_channels", "1 or 3")
         need(not (self.binary and self.in_channels != 1), "binary",

@@ -323,6 +323,14 @@ def save_images(images: torch.Tensor, out_dir: str | os.PathLike, name: str,
     return {"png": str(png), "npz": str(npz)}
 
 
+def evenly_spaced(dataset, n: int) -> torch.Tensor:
+    """``n`` images at evenly spaced indices of ``dataset`` (all if it is smaller): a
+    spread over a test set stored in class order, not its first class only."""
+    count = len(dataset)
+    indices = torch.linspace(0, count - 1, min(n, count)).round().long().unique()
+    return torch.stack([images_of(dataset[int(i)]) for i in indices])
+
+
 def interleave_rows(inputs: torch.Tensor, recons: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     """Grid order: a row of ``nrow`` inputs, then the row of their reconstructions, ..."""
     rows = []

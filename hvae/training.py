@@ -315,15 +315,16 @@ class Trainer:
         return metrics
 
     def save_images(self) -> None:
-        """Sample grids at several temperatures, and test inputs above their reconstructions."""
+        """Sample grids at several temperatures, and test inputs above their reconstructions
+        (inputs spread evenly over the test set, which may be ordered by class)."""
         from torchvision.utils import make_grid, save_image
         model, nrow = self.eval_model, int(math.sqrt(IMAGES_PER_GRID))
         for t in SAMPLE_TEMPERATURES:
             images = ev.generate(model, IMAGES_PER_GRID, t=t, seed=self.config.seed)
             save_image(images, self.run_dir / f"samples_t{t:.1f}.png", nrow=nrow)
             self.logger.add_image(f"samples/t{t:.1f}", make_grid(images, nrow=nrow), self.step)
-        x = next(iter(self.test_loader))[:IMAGES_PER_GRID // 2].to(self.runtime.device)
-        recons = ev.reconstruct(model, x)["recons"]
+        x = ev.evenly_spaced(self.test_loader.dataset, IMAGES_PER_GRID // 2).to(self.runtime.device)
+        recons = ev.reconstruct(model, x)["recons"]  # rows 1, 3, ...: inputs; 2, 4, ...: recons
         grid = ev.interleave_rows(x.float().cpu(), recons.cpu(), nrow=nrow)
         save_image(grid, self.run_dir / "reconstructions.png", nrow=nrow)
         self.logger.add_image("reconstructions", make_grid(grid, nrow=nrow), self.step)

@@ -8,7 +8,8 @@ BatchNorm regularisers, backward, Adamax update) on synthetic data of the
 preset's shape, so no dataset is needed.  Prints one JSON line, with two
 device-independent counts of one (non-logging) step: aten compute ops
 dispatched, and host syncs (``aten._local_scalar_dense``: ``.item()``,
-``float(t)``, ``bool(t)``) outside ``torch.optim``.
+``float(t)``, ``bool(t)``) outside ``torch.optim``.  On CUDA it adds
+``gpu_busy_fraction``: the part of a step's wall time the GPU spends in kernels.
 
     python scripts/bench.py --preset cifar10 --batch_size 2 --num_channels_enc 16 \
         --num_channels_dec 16 --steps 2 --warmup 1 --op-report 25
@@ -115,6 +116,33 @@ def count_kernels(fn) -> int:
             continue  # e.g. x.to(its own dtype): returns x, runs nothing
         count += 1
     return count
+
+
+def gpu_busy_fraction(fn, device: torch.device) -> float:
+    """Fraction of one call of ``fn``'s wall time during which the GPU runs a kernel
+    (union of the profiler's kernel intervals / wall time).  Well below 1: the
+    step is bound by launches and host work, not by the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        wall_us = (time.perf_counter() - t0) * 1e6
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA]
+    return covered_length(spans) / wall_us
+
+
+def covered_length(spans) -> float:
+    """Length of the union of [start, end) intervals (kernels on several streams overlap)."""
+    covered, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop > end:
+            covered += stop - max(start, end)
+            end = stop
+    return covered
 
 
 def synthetic_batches(config, num: int, device):
@@ -313,6 +341,8 @@ def main(argv=None) -> int:
     with counter:
         trainer.train_step(micro[0])
     kernels = count_kernels(lambda: trainer.train_step(micro[1])) if args.kernels else None
+    busy = (gpu_busy_fraction(lambda: trainer.train_step(micro[1]), device)
+            if device.type == "cuda" else None)
     model = trainer.eval_model.eval()
     with torch.no_grad():
         model.sample(args.num_samples)
@@ -335,6 +365,8 @@ def main(argv=None) -> int:
               f"sample_{args.num_samples}_s": round(sample_s, 3),
               "aten_ops_per_step": counter.ops, "host_syncs_per_step": counter.syncs,
               "host_sync_sites": dict(counter.sync_sites)}
+    if busy is not None:
+        report["gpu_busy_fraction"] = round(busy, 3)
     if kernels is not None:
         report["kernels_per_step"] = kernels
     if args.op_report:

@@ -131,6 +131,7 @@ TRAIN = [
     ("--batch_size abc", "batch_size='abc'"),
     ("--num_x_bits 9", "num_x_bits=9"),
     ("--amp fp8", "amp='fp8'"),
+    ("--compile fast", "compile='fast'"),
     ("--in_channels 3", "binary"),
     ("--ema_decay 1", "ema_decay=1.0"),
     ("--max_steps -1", "max_steps=-1"),

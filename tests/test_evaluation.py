@@ -693,3 +693,17 @@ def test_cli_fid_without_weights_fails_clearly(checkpoint, tmp_path, capsys):
     assert exc.value.code == 2
     captured = capsys.readouterr()
     assert "--fid-weights" in captured.err and captured.out == ""
+
+
+def test_reconstruction_grid_spreads_over_a_class_ordered_test_set():
+    """A test set stored in class order (MNIST's) must not give a grid of zeros only:
+    the inputs are evenly spaced over the whole set, each row of inputs above its recons."""
+    labels = torch.arange(10).repeat_interleave(100)              # 1,000 images, class order
+    dataset = [(torch.full((1, 2, 2), float(c)), c) for c in labels.tolist()]
+    x = ev.evenly_spaced(dataset, 32)
+    assert x.shape == (32, 1, 2, 2)
+    assert set(x[:, 0, 0, 0].long().tolist()) == set(range(10))   # every class appears
+    assert x[0, 0, 0, 0] == 0 and x[-1, 0, 0, 0] == 9             # first and last image
+    assert ev.evenly_spaced(dataset[:5], 32).shape[0] == 5        # fewer images than asked
+    grid = ev.interleave_rows(x, -x, nrow=8)
+    assert torch.equal(grid[:8], x[:8]) and torch.equal(grid[8:16], -x[:8])

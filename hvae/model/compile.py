@@ -28,11 +28,10 @@ import types
 import torch
 import torch.nn as nn
 
-from hvae.config import ConfigError
+from hvae.config import COMPILE_MODES as MODES, ConfigError
 from hvae.model.cells import DecCell, EncCell
 from hvae.model.nvae import LatentGroup
 
-MODES = ("none", "regional", "full")
 BACKEND = "inductor"   # tests use "aot_eager" (no code generation)
 RECOMPILE_LIMIT = 64   # variants per compiled function (cell kinds x scales x train/eval x batch sizes)
 
