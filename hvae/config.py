@@ -71,7 +71,10 @@ class Config:
     channels_last: bool = False
 
     # ---- optimisation ------------------------------------------------------
-    batch_size: int = 64        # per process (per GPU)
+    batch_size: int = 64        # per process (per GPU) and per micro-batch
+    # micro-batches per optimiser step: the global batch is
+    # batch_size x grad_accum_steps x processes (BatchNorm statistics stay per micro-batch)
+    grad_accum_steps: int = 1
     epochs: int = 400
     max_steps: int = 0          # stop after this many optimiser steps (0: no limit)
     learning_rate: float = 1e-2
@@ -89,6 +92,9 @@ class Config:
     # cell / latent group compiled once and reused; the fast path on GPUs), "full"
     # (the whole forward, one graph; slow to compile).  See hvae/model/compile.py.
     compile: str = "none"
+    # recompute each residual cell and latent group in backward instead of keeping
+    # its activations (torch.utils.checkpoint, non-reentrant): less memory, more time
+    activation_checkpointing: bool = False
 
     # ---- objective ---------------------------------------------------------
     kl_anneal_portion: float = 0.3
@@ -180,7 +186,7 @@ class Config:
         positive = ["num_channels_enc", "num_channels_dec", "num_latent_scales",
                     "num_groups_per_scale", "num_latent_per_group", "min_groups_per_scale",
                     "num_cell_per_cond_enc", "num_cell_per_cond_dec", "num_mixture_dec",
-                    "batch_size", "epochs", "image_size", "log_every", "eval_every",
+                    "batch_size", "grad_accum_steps", "epochs", "image_size", "log_every", "eval_every",
                     "checkpoint_every", "num_iw_samples", "num_power_iter"]
         for name in positive:
             need(getattr(self, name) >= 1, name, "a positive integer")
@@ -207,6 +213,8 @@ class Config:
         need(self.num_postprocess_blocks == self.num_preprocess_blocks, "num_postprocess_blocks",
              "equal to num_preprocess_blocks (each post-processing block undoes one "
              "pre-processing down-sampling)")
+        need(not (self.activation_checkpointing and self.sync_bn), "activation_checkpointing",
+             "not with sync_bn (a recomputed SyncBatchNorm would update its statistics twice)")
         factor = self.downsample_factor
         need(self.padded_size % factor == 0, "image_size",
              f"image_size + 2*pad_input ({self.padded_size}) must be divisible by "

@@ -94,7 +94,23 @@ def _log1mexp(d: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------- Normal ----
 def soft_clamp5(x: torch.Tensor) -> torch.Tensor:
     """5 tanh(x / 5): NVAE's stabiliser of raw mu / log sigma outputs, ~identity for |x| < 2."""
-    return 5.0 * torch.tanh(x / 5.0)
+    return _SoftClamp5.apply(x)
+
+
+class _SoftClamp5(torch.autograd.Function):
+    """5 tanh(x / 5) keeping only its output for backward (autograd would keep tanh's
+    output too, a second tensor of the same size): d/dx = 1 - (y / 5)^2."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = 5.0 * torch.tanh(x / 5.0)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return torch.addcmul(grad, grad * y, y, value=-0.04)  # grad * (1 - (y / 5)^2)
 
 
 def nvae_normal_params(raw_mu: torch.Tensor, raw_log_sigma: torch.Tensor

@@ -186,7 +186,8 @@ class SpectralRegularizer(nn.Module):
         key = (tuple(sizes), device)
         if key not in self._ids:
             lengths = torch.tensor([k for n, k in sizes for _ in range(n)])
-            rows = torch.arange(len(lengths)).repeat_interleave(lengths)
+            rows = torch.arange(len(lengths)).repeat_interleave(  # output_size: no data read
+                lengths, output_size=sum(k * n for n, k in sizes))
             self._ids[key] = (rows.to(device), len(lengths))
         return self._ids[key]
 

@@ -4,11 +4,20 @@
 nothing back from the device except the skip decision (one host sync per
 step, marked below).  Logging converts the metrics to numbers, and only on
 logging steps (``hvae.logger``).
+
+Gradient accumulation: ``x`` may be a list of micro-batches, all forwarded and
+back-propagated before the one update, with gradients weighted as for one batch
+of their concatenation.  Under DDP only the last micro-batch all-reduces
+(``no_sync`` on the others).  BatchNorm statistics and KL-balancing coefficients
+stay per micro-batch; the spectral + BN regulariser is added once per update.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import math
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -88,6 +97,20 @@ class GradSkipper:
             getattr(self, name).copy_(state[name])
 
 
+def _combine(parts: list[tuple[objectives.Loss, dict]], weights: list[float]
+             ) -> tuple[objectives.Loss, dict]:
+    """One step's loss and terms from its micro-batches' (image-weighted means; the
+    regulariser, computed on the last micro-batch only, counted once)."""
+    losses = [p[0] for p in parts]
+    mean = lambda name: sum(w * getattr(l, name) for w, l in zip(weights, losses))  # noqa: E731
+    reg = losses[-1].reg
+    loss = dataclasses.replace(
+        losses[-1], loss=sum(w * (l.loss.detach() - l.reg) for w, l in zip(weights, losses)) + reg,
+        nelbo=torch.cat([l.nelbo for l in losses]), recon=torch.cat([l.recon for l in losses]),
+        kl_groups=mean("kl_groups"), kl_coeffs=mean("kl_coeffs"), kl_term=mean("kl_term"))
+    return loss, parts[-1][1]
+
+
 def batchnorm_state(model: nn.Module) -> list[torch.Tensor]:
     """Every BatchNorm buffer a forward pass in training mode changes."""
     return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -115,13 +138,29 @@ class TrainStep:
         self._forward_state = batchnorm_state(model) + list(spectral.buffers())
         self._forward_backup = [b.clone() for b in self._forward_state]
 
-    def __call__(self, x: torch.Tensor, step: int, stop_requested: bool = False) -> dict:
+    def __call__(self, x: torch.Tensor | Sequence[torch.Tensor], step: int,
+                 stop_requested: bool | Callable[[], bool] = False) -> dict:
         """Metrics of the step as device tensors, plus ``skipped`` and ``stop`` (whether
-        every rank agreed to stop after this step: a signal reached one of them)."""
+        every rank agreed to stop after this step: a signal reached one of them).
+
+        ``x``: one batch, or a list of micro-batches (gradient accumulation).
+        ``stop_requested`` may be a callable, read just before the update, so that
+        a signal arriving between micro-batches stops after this step."""
         lr = self.schedule.learning_rate(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, reg = self.forward_backward(x, step)
+        micro = list(x) if isinstance(x, (list, tuple)) else [x]
+        total = sum(m.shape[0] for m in micro)
+        parts = []
+        for k, xb in enumerate(micro):
+            last = k == len(micro) - 1
+            no_sync = getattr(self.net, "no_sync", None)  # DDP: all-reduce on the last only
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                parts.append(self.forward_backward(xb, step, weight=xb.shape[0] / total,
+                                                   first=k == 0, last=last))
+        loss, reg = parts[0] if len(parts) == 1 else _combine(parts, [m.shape[0] / total for m in micro])
+        if callable(stop_requested):
+            stop_requested = stop_requested()
         norm, skipped, stop = self.update(loss, step, stop_requested)
         return {"loss": loss.loss.detach(), "nelbo": loss.nelbo.mean(),
                 "recon": loss.recon.mean(),
@@ -131,16 +170,23 @@ class TrainStep:
                 "reg": loss.reg, **reg, "lr": lr, "grad_norm": norm, "skipped": skipped,
                 "skipped_total": self.skipper.skipped, "stop": stop}
 
-    def forward_backward(self, x: torch.Tensor, step: int) -> tuple[objectives.Loss, dict]:
-        """The regularised loss of one batch, back-propagated (gradients averaged over ranks)."""
+    def forward_backward(self, x: torch.Tensor, step: int, weight: float = 1.0,
+                         first: bool = True, last: bool = True) -> tuple[objectives.Loss, dict]:
+        """The regularised loss of one batch, back-propagated (gradients averaged over ranks).
+
+        For micro-batch accumulation: the data loss's gradient is scaled by
+        ``weight`` (its share of the step's images); ``first`` clears the gradients
+        and backs up the forward-mutated state, ``last`` adds the regulariser
+        (a function of the weights only: once per update)."""
         cfg, schedule = self.config, self.schedule
         x = x.to(self.runtime.device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        torch._foreach_copy_(self._forward_backup, self._forward_state)
+        if first:
+            torch._foreach_copy_(self._forward_backup, self._forward_state)
         self.model.train()
-        lam = schedule.reg_lambda(step)
-        reg, terms = None, {"reg_lambda": lam}
+        lam = schedule.reg_lambda(step) if last else 0
+        reg, terms = None, {"reg_lambda": schedule.reg_lambda(step)}
         with self.model.stacked_weights():  # weights stacked once for forward and regularisers
             with autocast(self.runtime.device, cfg.amp):
                 output = self.net(x, analytic_kl=not cfg.kl_mc)
@@ -148,13 +194,23 @@ class TrainStep:
                 terms.update(reg_spectral=self.spectral(),
                              reg_bn=objectives.bn_regularizer(self.model))
                 reg = lam * (terms["reg_spectral"] + terms["reg_bn"])
-        recon = -output.likelihood.log_prob(x)
+        recon, kl = -output.likelihood.log_prob(x), output.kl_groups
+        del output  # the latents it holds are not needed for backward: freed before it
+        whole = weight == 1.0
         loss = objectives.compute_loss(
-            recon, output.kl_groups, kl_weight=schedule.kl_weight(step),
+            recon, kl, kl_weight=schedule.kl_weight(step),
             balance_weights=self.balance_weights if schedule.balancing(step) else None,
-            free_bits=cfg.kl_free_bits, reg=reg)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss.loss).backward()
+            free_bits=cfg.kl_free_bits, reg=reg if whole else None)
+        total = loss.loss
+        if not whole:  # a micro-batch: its share of the data loss, the regulariser in full
+            total = weight * total
+            if reg is not None:
+                total = total + reg
+                loss = dataclasses.replace(loss, loss=loss.loss.detach() + reg.detach(),
+                                           reg=reg.detach())
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
         return loss, {k: v.detach() if torch.is_tensor(v) else v for k, v in terms.items()}
 
     def update(self, loss: objectives.Loss, step: int, stop_requested: bool = False

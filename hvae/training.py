@@ -31,11 +31,12 @@ from hvae import data as hdata
 from hvae import evaluation as ev
 from hvae import objectives
 from hvae.checkpoint import Checkpointer
-from hvae.config import Config
+from hvae.config import Config, ConfigError
 from hvae.errors import HvaeError
 from hvae.logger import MetricsLogger
 from hvae.model import NVAE
 from hvae.model.compile import compile_model
+from hvae.model.remat import enable_activation_checkpointing
 from hvae.runtime import Interrupted, Runtime, StopSignals, init_runtime, seed_everything
 from hvae.schedules import Schedule
 from hvae.step import EMA, GradSkipper, TrainStep
@@ -84,7 +85,13 @@ class Trainer:
                                           world_size=rt.world_size, device=device),
                        hdata.build_loader(cfg, "test", device=device))
         self.train_loader, self.test_loader = loaders
-        self.steps_per_epoch = len(self.train_loader)
+        self.accum = cfg.grad_accum_steps
+        # optimiser steps per epoch: each takes ``accum`` loader batches (a remainder is dropped)
+        self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"grad_accum_steps={self.accum} needs at least that many batches per "
+                             f"epoch, but the training data gives {len(self.train_loader)} per "
+                             "process: lower --grad_accum_steps or --batch_size")
         self.schedule = Schedule.for_run(cfg, self.steps_per_epoch)
 
         self.model = NVAE(cfg).to(device)
@@ -101,13 +108,14 @@ class Trainer:
                                             foreach=True)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         compile_model(self.model, cfg.compile)  # after the EMA copy: evaluation stays eager
+        enable_activation_checkpointing(self.model, cfg.activation_checkpointing)  # after compile
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.skipper = GradSkipper(cfg.grad_skip_factor, enabled=cfg.grad_skip, device=device)
         self.train_step_fn = TrainStep(self.model, net, cfg, rt, self.schedule, self.optimizer,
                                        self.spectral, self.ema, self.skipper, self.scaler)
         self.checkpointer = Checkpointer(self.run_dir, enabled=rt.is_main)
         self.logger = MetricsLogger(self.run_dir, enabled=rt.is_main)
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0  # batch_in_epoch: loader batches
         self.best = math.inf
         self.signals = StopSignals(verbose=False)  # replaced by an active one inside fit()
         seed_everything(cfg.seed + 1 + rt.rank)  # per-rank noise streams
@@ -131,8 +139,15 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         return self.ema.model if self.ema is not None else self.model
 
-    def train_step(self, x: torch.Tensor, stop_requested: bool = False) -> dict[str, Any]:
-        """One optimiser step at ``self.step``; metrics as device tensors (no host sync)."""
+    @property
+    def global_batch(self) -> int:
+        """Images per optimiser step over all processes."""
+        return self.config.batch_size * self.accum * self.runtime.world_size
+
+    def train_step(self, x: torch.Tensor | list[torch.Tensor],
+                   stop_requested: bool | Any = False) -> dict[str, Any]:
+        """One optimiser step at ``self.step`` on a batch or a list of micro-batches;
+        metrics as device tensors (no host sync)."""
         metrics = self.train_step_fn(x, self.step, stop_requested=stop_requested)
         self.step += 1
         return metrics
@@ -175,12 +190,16 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.run_name,
                        dynamic_ncols=True)
         start, start_step = time.time(), self.step
+        if self.runtime.is_main:
+            print(f"global batch {self.global_batch} = batch_size {cfg.batch_size} x "
+                  f"grad_accum_steps {self.accum} x {self.runtime.world_size} process(es)",
+                  file=sys.stderr, flush=True)
         with StopSignals(verbose=self.runtime.is_main) as self.signals:
             try:
                 while self.step < self.total_steps:
                     if self._train_epoch(bar, stop_at_step):
                         return {"step": self.step, "stopped": True}
-                    if self.batch_in_epoch >= self.steps_per_epoch:  # the epoch is complete
+                    if self.batch_in_epoch >= self.steps_per_epoch * self.accum:  # epoch complete
                         if (self.epoch + 1) % cfg.eval_every == 0 and self.step < self.total_steps:
                             self.end_of_epoch()
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -190,8 +209,8 @@ class Trainer:
             elapsed = time.time() - start
             summary = self.end_of_epoch(final=True)
         summary.update(steps=self.step, train_seconds=elapsed,
-                       images_per_second=(self.step - start_step) * cfg.batch_size
-                       * self.runtime.world_size / max(elapsed, 1e-9),
+                       images_per_second=(self.step - start_step) * self.global_batch
+                       / max(elapsed, 1e-9),
                        skipped_steps=int(self.skipper.skipped))
         return summary
 
@@ -200,15 +219,18 @@ class Trainer:
         cfg = self.config
         batches = self.epoch_batches()
         while self.step < self.total_steps:
-            try:
-                x = next(batches, None)
+            if self.batch_in_epoch + self.accum > self.steps_per_epoch * self.accum:
+                return False
+            try:  # the step's micro-batches (a few images each: cheap to hold)
+                micro = [next(batches) for _ in range(self.accum)]
             except hdata.DataError:  # a corrupt item: keep the steps done so far, then stop
                 self._save_checked()
                 raise
-            if x is None:
+            except StopIteration:
                 return False
-            metrics = self.train_step(x, stop_requested=self.signals.requested)
-            self.batch_in_epoch += 1
+            # a signal that arrives between micro-batches stops after this step's update
+            metrics = self.train_step(micro, stop_requested=lambda: self.signals.requested)
+            self.batch_in_epoch += self.accum
             if bar is not None:
                 bar.update(1)
             if self.step % cfg.log_every == 0:  # the loop's only host reads

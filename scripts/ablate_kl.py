@@ -130,7 +130,7 @@ def print_variants(base: Config) -> None:
 # ------------------------------------------------------------------ budget
 def steps_per_epoch(config: Config) -> int:
     from hvae import data as hdata
-    return len(hdata.build_loader(config, "train"))
+    return len(hdata.build_loader(config, "train")) // config.grad_accum_steps
 
 
 def calibrate(config: Config, minutes: float, device: str | None) -> dict[str, Any]:
@@ -143,7 +143,7 @@ def calibrate(config: Config, minutes: float, device: str | None) -> dict[str, A
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     times, batches = [], iter(trainer.train_loader)
     for _ in range(CALIBRATION_WARMUP + CALIBRATION_STEPS):
-        x = next(batches)
+        x = [next(batches) for _ in range(config.grad_accum_steps)]  # one step's micro-batches
         sync()
         start = time.perf_counter()
         trainer.train_step(x)

@@ -15,6 +15,18 @@ dispatched, and host syncs (``aten._local_scalar_dense``: ``.item()``,
         --num_channels_dec 16 --steps 2 --warmup 1 --op-report 25
     python scripts/bench.py --preset demo --compile regional --explain
 
+Memory: ``resident_at_backward_gib`` is what a GPU holds when backward starts
+(weights, EMA, Adamax state, buffers, and every tensor still alive: activations
+kept for backward, the stacked weights, the batch), measured on the CPU without
+doing the arithmetic: the step's forward and loss run on fake CUDA tensors
+(``FakeTensorMode``), so bf16 / fp16 autocast follows the GPU's rules, and
+celebahq256 at batch 4 takes seconds.  ``peak_memory_gib`` is the real peak
+(``torch.cuda.max_memory_allocated`` on CUDA, the process's max RSS on the CPU).
+``--memory-only`` prints just the fake measurement (no timing; any preset, any
+batch, on any machine):
+
+    python scripts/bench.py --preset celebahq256 --amp bf16 --activation_checkpointing true --memory-only
+
 ``--op-report N`` adds the N most frequent ops of the counted step;
 ``--compile MODE`` is the Config field (none, regional, full): ``first_step_s``
 is then mostly compile time (``--backend aot_eager`` traces without generating
@@ -150,6 +162,97 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+class _LiveStorages(TorchDispatchMode):
+    """Remembers (weakly) the storage of every tensor an op returns; ``live_bytes`` sums
+    those still alive (views share their base's storage, counted once)."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.multiprocessing.reductions import StorageWeakRef
+        self._ref, self.storages = StorageWeakRef, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self.storages.setdefault(storage._cdata, (self._ref(storage), storage.nbytes()))
+        return out
+
+    def live_bytes(self) -> int:
+        return sum(n for ref, n in self.storages.values() if not ref.expired())
+
+
+class _BackwardStarts(Exception):
+    """Raised in place of ``backward``: the measurement ends where backward would start."""
+
+
+def resident_at_backward(config) -> dict:
+    """GiB a CUDA device holds when the training step's backward starts (see the module
+    docstring): one real ``TrainStep.forward_backward`` on fake CUDA tensors."""
+    import contextlib
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hvae import objectives
+    from hvae import step as step_module
+    from hvae.model import NVAE
+    from hvae.model.remat import enable_activation_checkpointing
+    from hvae.runtime import AMP_DTYPES
+    from hvae.schedules import Schedule
+    from hvae.step import GradSkipper, TrainStep
+
+    @contextlib.contextmanager
+    def cuda_autocast(device, amp):  # torch.autocast("cuda") turns itself off without a GPU
+        if amp not in AMP_DTYPES:
+            yield
+            return
+        torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("cuda", AMP_DTYPES[amp])
+        try:
+            yield
+        finally:
+            torch.set_autocast_enabled("cuda", False)
+            torch.clear_autocast_cache()
+
+    def stop(*args, **kwargs):
+        measured["live"] = tracker.live_bytes()
+        raise _BackwardStarts
+
+    # channels-last changes layouts, not sizes (and converting fake parameters fails)
+    cfg, device, measured = config.replace(channels_last=False), torch.device("cuda"), {}
+    with FakeTensorMode(), torch.device(device), \
+            mock.patch.object(step_module, "autocast", cuda_autocast), \
+            mock.patch.object(torch.Tensor, "backward", stop), \
+            mock.patch("torch.utils.checkpoint.get_device_states", lambda *a: ([], [])):
+        model = NVAE(cfg)
+        enable_activation_checkpointing(model, cfg.activation_checkpointing)
+        spectral = objectives.SpectralRegularizer(model, cfg.num_power_iter)
+        spectral._initialized_on_host = True  # a later step's (its flag is a host read)
+        optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.learning_rate)
+        schedule = Schedule(cfg, total_steps=10**9, lr_warmup_steps=0)  # KL balancing on
+        step = TrainStep(model, model, cfg, Runtime(device=device), schedule, optimizer, spectral,
+                         None, GradSkipper(cfg.grad_skip_factor, device=device),
+                         torch.amp.GradScaler("cuda", enabled=False))
+        x = synthetic_batches(cfg.replace(batch_size=1), 1, "cpu")[0].to(device)
+        x = x.expand(cfg.batch_size, *x.shape[1:]).contiguous()
+        with (tracker := _LiveStorages()):
+            try:
+                step.forward_backward(x, 0)
+            except _BackwardStarts:
+                pass
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    params, buffers = nbytes(model.parameters()), nbytes(model.buffers()) + nbytes(spectral.buffers())
+    parts = {"weights": params + buffers,
+             "ema": (params + buffers) if cfg.ema_decay > 0 else 0,
+             "optimizer": 2 * params,        # Adamax: exp_avg and exp_inf
+             "activations": measured["live"]}  # everything the step made that is still alive
+    gib = {k: round(v / 2**30, 3) for k, v in parts.items()}
+    return {"resident_at_backward_gib": round(sum(parts.values()) / 2**30, 3),
+            "resident_parts_gib": gib, "resident_parts_bytes": parts}
+
+
 def explain_counts(model, x) -> dict:
     """Graphs and graph breaks of the model's forward (and of each compiled region kind)."""
     from hvae.model.compile import regions
@@ -199,9 +302,17 @@ def main(argv=None) -> int:
                         help="also count the kernels of one step with the profiler (sees compiled code)")
     parser.add_argument("--explain", action="store_true",
                         help="also report torch._dynamo.explain graph / break counts of the forward")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the fake-tensor measurement of the memory at backward start")
     config, args = parse_args(argv, parser)
     if args.threads:
         torch.set_num_threads(args.threads)
+    memory = resident_at_backward(config)
+    if args.memory_only:
+        print(json.dumps({"preset": config.preset, "batch_size": config.batch_size,
+                          "amp": config.amp,
+                          "activation_checkpointing": config.activation_checkpointing, **memory}))
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -216,19 +327,21 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    # one step's micro-batches (--grad_accum_steps)
+    micro = [[batches[(i + k) % 2] for k in range(config.grad_accum_steps)] for i in range(2)]
     times = []
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        trainer.train_step(batches[i % 2])
+        trainer.train_step(micro[i % 2])
         sync()
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[args.warmup:] or times)
     counter = OpCounter()
     with counter:
-        trainer.train_step(batches[0])
-    kernels = count_kernels(lambda: trainer.train_step(batches[1])) if args.kernels else None
-    busy = (gpu_busy_fraction(lambda: trainer.train_step(batches[1]), device)
+        trainer.train_step(micro[0])
+    kernels = count_kernels(lambda: trainer.train_step(micro[1])) if args.kernels else None
+    busy = (gpu_busy_fraction(lambda: trainer.train_step(micro[1]), device)
             if device.type == "cuda" else None)
     model = trainer.eval_model.eval()
     with torch.no_grad():
@@ -244,9 +357,11 @@ def main(argv=None) -> int:
               "amp": config.amp, "compile": config.compile, "params": params,
               "backend": compile_module.BACKEND if config.compile != "none" else None,
               "ms_per_step": round(step_s * 1000, 1),
-              "images_per_s": round(config.batch_size / step_s, 2),
+              "images_per_s": round(config.batch_size * config.grad_accum_steps / step_s, 2),
               "first_step_s": round(times[0], 2),
-              "peak_memory_gib": round(peak_memory_gib(device), 3),
+              "grad_accum_steps": config.grad_accum_steps,
+              "activation_checkpointing": config.activation_checkpointing,
+              "peak_memory_gib": round(peak_memory_gib(device), 3), **memory,
               f"sample_{args.num_samples}_s": round(sample_s, 3),
               "aten_ops_per_step": counter.ops, "host_syncs_per_step": counter.syncs,
               "host_sync_sites": dict(counter.sync_sites)}

@@ -124,7 +124,8 @@ def _ddp_worker(rank, world_size, port, cfg_dict, batches, out_file):
     from hvae.config import Config
     from hvae.training import Trainer, init_runtime
     cfg = Config.from_dict(cfg_dict)
-    trainer = Trainer(cfg, init_runtime("cpu"), progress=False, loaders=(batches, batches))
+    test = [b if torch.is_tensor(b) else b[0] for b in batches]  # b: a batch or micro-batches
+    trainer = Trainer(cfg, init_runtime("cpu"), progress=False, loaders=(batches, test))
     torch.manual_seed(100 + rank)
     trainer.train_step(batches[rank])
     if rank == 0:

@@ -15,6 +15,11 @@ BN_MOMENTUM = 0.05
 BN_EPS = 1e-5
 BRANCH_SCALE = 0.1
 
+# True while activation checkpointing recomputes a region in backward
+# (``hvae.model.remat``): BatchNorm then uses the batch statistics without
+# updating its running statistics and batch count a second time.
+RECOMPUTING = False
+
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d with weight normalisation: w = exp(log_weight_norm) * v / ||v||.
@@ -96,13 +101,15 @@ class _BNActConv(torch.autograd.Function):
     def forward(ctx, x, bn_weight, bn_bias, weight, bias, bn, conv, act, up):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        stats = (None, None) if RECOMPUTING else (bn.running_mean, bn.running_var)
         with torch.autocast(device, enabled=False):
             h, mean, invstd = torch.ops.aten.native_batch_norm(  # updates the running stats
-                x, bn_weight, bn_bias, bn.running_mean, bn.running_var, True, bn.momentum, bn.eps)
+                x, bn_weight, bn_bias, *stats, True, bn.momentum, bn.eps)
             h = _act_up(h, act, up)
             y = F.conv2d(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                          conv.stride, conv.padding, conv.dilation, conv.groups)
-        count_batch(bn)
+        if not RECOMPUTING:
+            count_batch(bn)
         ctx.conf = (bn.eps, act, up, dtype, conv.stride, conv.padding, conv.dilation, conv.groups)
         ctx.save_for_backward(x, bn_weight, bn_bias, weight, bias, mean, invstd)
         return y
@@ -171,6 +178,11 @@ def bn_forward(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``bn(x)``; when training with the step's stacked gammas, reads its row
     (``batched_weight``) so that its gradient joins the stack's."""
     weight = getattr(bn, "batched_weight", None)
+    if RECOMPUTING and bn.training and type(bn) is nn.BatchNorm2d:
+        # throw-away copies of the running statistics: autograd saves the same tensors
+        return F.batch_norm(x, bn.running_mean.clone(), bn.running_var.clone(),
+                            bn.weight if weight is None else weight, bn.bias, True, bn.momentum,
+                            bn.eps)
     if (weight is None or not (bn.training and torch.is_grad_enabled()) or type(bn) is not nn.BatchNorm2d
             or bn.momentum is None or not bn.track_running_stats
             or bn._forward_hooks or bn._forward_pre_hooks):
