@@ -30,6 +30,7 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_process_group: bool = False  # init_runtime created it, so release_runtime ends it
 
     @property
     def distributed(self) -> bool:
@@ -52,10 +53,20 @@ def init_runtime(device: str | None = None) -> Runtime:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
+    owns = world_size > 1 and not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 rank=rank, world_size=world_size)
-    return Runtime(rank, world_size, local_rank, dev)
+    return Runtime(rank, world_size, local_rank, dev, owns_process_group=owns)
+
+
+def release_runtime(runtime: Runtime) -> None:
+    """End the process group ``init_runtime`` started.  Left to the interpreter's exit,
+    its communication threads can be torn down mid-flight and abort the process
+    ("terminate called without an active exception") after a finished run."""
+    if runtime.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+        runtime.owns_process_group = False
 
 
 def autocast(device: torch.device, amp: str):
