@@ -125,8 +125,27 @@ def nvae_normal_params(raw_mu: torch.Tensor, raw_log_sigma: torch.Tensor
     """
     raw_mu, raw_log_sigma = at_least_fp32(raw_mu), at_least_fp32(raw_log_sigma)
     with _full_precision(raw_mu):
-        floor = torch.full_like(raw_log_sigma, math.log(SIGMA_FLOOR))
-        return soft_clamp5(raw_mu), torch.logaddexp(soft_clamp5(raw_log_sigma), floor)
+        return soft_clamp5(raw_mu), _FlooredLogSigma.apply(raw_log_sigma)
+
+
+class _FlooredLogSigma(torch.autograd.Function):
+    """log(exp(5 tanh(r / 5)) + SIGMA_FLOOR), keeping only its output y for backward
+    (autograd would keep the clamp's output and a tensor of floors as well):
+    with c = log(e^y - floor), dy/dr = (1 - floor e^-y) (1 - (c / 5)^2)."""
+
+    @staticmethod
+    def forward(ctx, raw_log_sigma):
+        clamped = 5.0 * torch.tanh(raw_log_sigma / 5.0)
+        y = torch.logaddexp(clamped, torch.full_like(clamped, math.log(SIGMA_FLOOR)))
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        sigma = torch.exp(y)
+        clamped = torch.log(sigma - SIGMA_FLOOR)
+        return grad * (1.0 - SIGMA_FLOOR / sigma) * (1.0 - (clamped / 5.0) ** 2)
 
 
 def residual_kl(delta_mu: torch.Tensor, delta_log_sigma: torch.Tensor,

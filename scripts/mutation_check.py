@@ -125,7 +125,7 @@ MUTANTS = [
             f"{MODEL}::test_flow_log_q_is_base_density_minus_jacobian_log_det"],
            "NVAE's shift cell: m_k sees z_k (not triangular, log-det no longer 0)"),
     Mutant("sigma_floor_dropped", "hvae/distributions.py",
-           "torch.logaddexp(soft_clamp5(raw_log_sigma), floor)", "soft_clamp5(raw_log_sigma)",
+           "y = torch.logaddexp(clamped, torch.full_like(clamped, math.log(SIGMA_FLOOR)))", "y = clamped",
            [f"{DIST}::test_nvae_normal_is_clamped_with_a_sigma_floor", NVAE_REF],
            "latent sigma without NVAE's + 0.01"),
     Mutant("up_skip_align_corners", "hvae/model/cells.py",

@@ -252,6 +252,77 @@ def test_soft_clamp_keeps_one_tensor_and_has_the_tanh_gradient():
     assert len(kept) == 1 and kept[0] is y or kept[0].data_ptr() == y.data_ptr()
 
 
+def _saved_bytes(fn, *args) -> tuple[torch.Tensor, int]:
+    """fn(*args) and the bytes of distinct storages autograd keeps for its backward."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, sum(kept.values())
+
+
+def test_weight_norm_keeps_only_its_output_and_has_the_right_gradient():
+    from hvae.model.cells import weight_norm
+    v = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, 1, 1, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, g: weight_norm(v, g, (1, 2, 3)), (v, g))
+    ref = v * (g.exp() / (torch.linalg.vector_norm(v, dim=(1, 2, 3), keepdim=True) + 1e-5))
+    w, nbytes = _saved_bytes(lambda: weight_norm(v * 1.0, g, (1, 2, 3)))
+    torch.testing.assert_close(w, ref, rtol=0, atol=0)
+    assert nbytes < 1.1 * w.numel() * w.element_size()  # w (+ small norms), not v as well
+
+
+def test_floored_log_sigma_keeps_one_tensor_and_has_the_right_gradient():
+    import math
+    from hvae.distributions import SIGMA_FLOOR, _FlooredLogSigma
+    r = (torch.randn(500, dtype=torch.float64) * 6).requires_grad_()
+    assert torch.autograd.gradcheck(_FlooredLogSigma.apply, (r,))
+    y, nbytes = _saved_bytes(_FlooredLogSigma.apply, r)
+    ref = torch.log(torch.exp(5 * torch.tanh(r / 5)) + SIGMA_FLOOR)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert nbytes == y.numel() * y.element_size() and math.isfinite(float(y.detach().sum()))
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_shift_cell_recomputes_its_hidden_layers_with_identical_gradients(amp):
+    """NVAE's shift cell keeps z (not its five hidden tensors) and gives the plain path's
+    values and gradients bit for bit, also under bf16 autocast."""
+    from hvae.model.flows import ShiftCell
+    torch.manual_seed(0)
+    cell = ShiftCell(4, mirror=True)
+    z = torch.randn(2, 4, 32, 32, requires_grad=True)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+    with ctx:
+        out, nbytes = _saved_bytes(lambda: cell(z)[0])
+        weights = (cell.inp.normalized_weight(), cell.mid.normalized_weight(),
+                   cell.out.normalized_weight(), cell.out.bias)
+        ref, plain_bytes = _saved_bytes(lambda: z - cell.shift(z, *weights).float())
+    grad = torch.randn_like(out)
+    params = [z, *cell.parameters()]
+    for got, want in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    hidden = 6 * z.numel() * (2 if amp == "bf16" else 4)  # one hidden layer's tensor
+    assert nbytes < hidden < plain_bytes / 4
+
+
+def test_mixture_likelihood_is_recomputed_in_backward_with_identical_gradients():
+    from hvae.model.nvae import Likelihood, OutputSpec
+    spec = OutputSpec(binary=False, num_bits=8, channels=3)
+    params = torch.randn(2, 100, 8, 8, requires_grad=True)
+    x = torch.randint(0, 256, (2, 3, 8, 8)).float() / 255
+    logp, nbytes = _saved_bytes(lambda: Likelihood(params * 1.0, spec).log_prob(x))
+    plain, plain_bytes = _saved_bytes(lambda: Likelihood(params * 1.0, spec).dist.log_prob(2 * x - 1))
+    torch.testing.assert_close(logp, plain, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(logp.sum(), params)[0],
+                               torch.autograd.grad(plain.sum(), params)[0], rtol=0, atol=0)
+    assert nbytes < 0.3 * plain_bytes
+
+
 # ------------------------------------------------------------ the memory benchmark --
 def test_bench_measures_memory_on_fake_cuda_tensors(tmp_path):
     """The fake-tensor measurement runs without a GPU; checkpointing and bf16 lower it."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from hvae.model.cells import Conv2d
+from hvae.model.cells import Conv2d, weight_norm
 
 
 @dataclass(eq=False)
@@ -65,8 +65,7 @@ def _conv_stack(members: list[Conv2d], cl: bool) -> Stack:
         v = v * torch.stack([_memory_order(c.weight_mask(), cl) for c in members])
     if members[0].log_weight_norm is not None:
         g = torch.stack([_memory_order(c.log_weight_norm, cl) for c in members])
-        norm = torch.linalg.vector_norm(v, dim=(2, 3, 4), keepdim=True)
-        v = v * (g.exp() / (norm + 1e-5))
+        v = weight_norm(v, g, dims=(2, 3, 4))
     return Stack(v, members, cl)
 
 
