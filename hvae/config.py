@@ -64,6 +64,8 @@ class Config:
     num_cell_per_cond_enc: int = 1
     num_cell_per_cond_dec: int = 1
     use_se: bool = True
+    dec_cell_expand: int = 6    # channel expansion inside decoder-tower cells (NVAE: 6)
+    post_cell_expand: int = 3   # ... inside post-processing cells (NVAE: 3)
     res_dist: bool = True
     num_nf: int = 0             # pairs of IAF cells (opposite orders) after each posterior sample
     flow_type: str = "nvae"     # "nvae": NVAE's shift cell (log-det 0); "affine": context-conditioned IAF
@@ -186,6 +188,7 @@ class Config:
         positive = ["num_channels_enc", "num_channels_dec", "num_latent_scales",
                     "num_groups_per_scale", "num_latent_per_group", "min_groups_per_scale",
                     "num_cell_per_cond_enc", "num_cell_per_cond_dec", "num_mixture_dec",
+                    "dec_cell_expand", "post_cell_expand",
                     "batch_size", "grad_accum_steps", "epochs", "image_size", "log_every", "eval_every",
                     "checkpoint_every", "num_iw_samples", "num_power_iter"]
         for name in positive:

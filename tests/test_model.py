@@ -12,7 +12,6 @@ import torch.nn as nn
 
 from hvae.distributions import Normal
 from hvae.config import PRESETS, preset
-from hvae.distributions import Normal
 from hvae.model import NVAE, NVAEOutput
 from hvae.model.cells import Conv2d, bn_act_conv, batch_norm
 from hvae.model.flows import IAFCell, ShiftCell
@@ -537,3 +536,22 @@ def test_mnist_likelihood_counts_real_pixels_only():
         dist.logits, x, reduction="none").sum(dim=(1, 2, 3))
     torch.testing.assert_close(out.likelihood.log_prob(x), manual)
     assert math.prod(dist.logits.shape[1:]) == model.data_dims
+
+
+def test_cell_expansions_are_config_fields_with_nvaes_defaults():
+    """--dec_cell_expand / --post_cell_expand set the hidden width of decoder and
+    post-processing cells (NVAE's 6 and 3 by default); 0 is refused."""
+    from hvae.config import ConfigError
+    from hvae.model.cells import DecCell
+    cfg = preset("demo", num_channels_enc=8, num_channels_dec=8)
+    assert (cfg.dec_cell_expand, cfg.post_cell_expand) == (6, 3)
+    for dec, post in [(6, 3), (2, 1)]:
+        model = NVAE(cfg.replace(dec_cell_expand=dec, post_cell_expand=post))
+        cell = model.groups[-1].dec_cells[0]
+        assert isinstance(cell, DecCell) and cell.conv0.out_channels == dec * cell.conv0.in_channels
+        post_cell = model.post[-1]
+        assert post_cell.conv0.out_channels == post * post_cell.conv0.in_channels
+        out = model(torch.bernoulli(torch.full((2, 1, 28, 28), 0.3)))
+        assert torch.isfinite(out.params).all()
+    with pytest.raises(ConfigError, match="dec_cell_expand"):
+        cfg.replace(dec_cell_expand=0).validate()

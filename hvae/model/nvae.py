@@ -42,8 +42,6 @@ from hvae.model.bank import stacked_weights
 from hvae.model.cells import ELU, Conv2d, DecCell, DecCombiner, EncCell, EncCombiner
 from hvae.model.flows import make_flow
 
-DEC_EXPAND = 6    # mbconv expansion in the decoder tower
-POST_EXPAND = 3   # ... and in the post-processing blocks
 OUTPUTS = ("auto", "sample", "mean")
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -170,9 +168,9 @@ class LatentGroup(nn.Module):
         L = self.num_latent = cfg.num_latent_per_group
         self.top = top
         self.residual = cfg.res_dist and not top
-        self.up = DecCell(up_from, DEC_EXPAND, cfg.use_se, up=True) if up_from else None
+        self.up = DecCell(up_from, cfg.dec_cell_expand, cfg.use_se, up=True) if up_from else None
         if not top:
-            self.dec_cells = nn.Sequential(*[DecCell(c_dec, DEC_EXPAND, cfg.use_se)
+            self.dec_cells = nn.Sequential(*[DecCell(c_dec, cfg.dec_cell_expand, cfg.use_se)
                                              for _ in range(cfg.num_cell_per_cond_dec)])
             self.prior = nn.Sequential(ELU(), Conv2d(c_dec, 2 * L, 1))
             self.enc_combiner = EncCombiner(c_enc, c_dec)
@@ -297,9 +295,9 @@ class NVAE(nn.Module):
             for i, scale in enumerate(self.group_scale))
         post, c = [], c_dec[-1]
         for _ in range(cfg.num_postprocess_blocks):
-            post.append(DecCell(c, POST_EXPAND, use_se, up=True))
+            post.append(DecCell(c, cfg.post_cell_expand, use_se, up=True))
             c //= 2
-            post += [DecCell(c, POST_EXPAND, use_se) for _ in range(cfg.num_postprocess_cells - 1)]
+            post += [DecCell(c, cfg.post_cell_expand, use_se) for _ in range(cfg.num_postprocess_cells - 1)]
         self.post = nn.Sequential(*post)
         out_channels = (cfg.in_channels if cfg.binary
                         else DiscMixLogistic.num_params(cfg.in_channels, cfg.num_mixture_dec))
