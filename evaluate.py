@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from hvae import cli
 from hvae import evaluation as ev
@@ -105,10 +104,17 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from hvae.checkpoint import load_model
-    from hvae.runtime import init_runtime
+    from hvae.runtime import runtime_session
 
-    runtime = init_runtime(args.device)
+    with runtime_session(args.device) as runtime:
+        return evaluate(args, runtime)
+
+
+def evaluate(args: argparse.Namespace, runtime) -> dict:
+    """The mode's work on this process: every rank takes its shard of ``nll``; the
+    other modes run on rank 0 alone."""
+    from hvae.checkpoint import load_model
+
     rank, world, device = runtime.rank, runtime.world_size, runtime.device
     model, config = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
     if args.data is not None:
@@ -212,8 +218,6 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args)
     if result:
         print(json.dumps(result), flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return result
 
 

@@ -212,9 +212,9 @@ class Normal:
 
     @classmethod
     def from_raw(cls, raw_mu: torch.Tensor, raw_log_sigma: torch.Tensor) -> "Normal":
-        """NVAE's Normal of raw network outputs (``nvae_normal_params``): what the
-        model's latent groups use; NVAE's residual posterior is ``from_raw`` of the
-        sums of raw prior and raw delta outputs."""
+        """NVAE's Normal of raw network outputs (``nvae_normal_params``, which the
+        model's latent groups call directly); NVAE's residual posterior is
+        ``from_raw`` of the sums of raw prior and raw delta outputs."""
         q = cls.__new__(cls)
         q.mu, q.log_sigma = nvae_normal_params(raw_mu, raw_log_sigma)
         return q

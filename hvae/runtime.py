@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    owns_process_group: bool = False  # init_runtime created it, so release_runtime ends it
+    owns_process_group: bool = False  # init_runtime created it, so runtime_session ends it
 
     @property
     def distributed(self) -> bool:
@@ -60,13 +60,18 @@ def init_runtime(device: str | None = None) -> Runtime:
     return Runtime(rank, world_size, local_rank, dev, owns_process_group=owns)
 
 
-def release_runtime(runtime: Runtime) -> None:
-    """End the process group ``init_runtime`` started.  Left to the interpreter's exit,
-    its communication threads can be torn down mid-flight and abort the process
-    ("terminate called without an active exception") after a finished run."""
-    if runtime.owns_process_group and dist.is_initialized():
-        dist.destroy_process_group()
-        runtime.owns_process_group = False
+@contextlib.contextmanager
+def runtime_session(device: str | None = None) -> Iterator[Runtime]:
+    """``init_runtime`` for the block, then end the process group it started.  Left to
+    the interpreter's exit, the group's communication threads can be torn down
+    mid-flight and abort a finished run ("terminate called without an active
+    exception")."""
+    runtime = init_runtime(device)
+    try:
+        yield runtime
+    finally:
+        if runtime.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def autocast(device: torch.device, amp: str):

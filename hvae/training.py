@@ -37,7 +37,7 @@ from hvae.logger import MetricsLogger
 from hvae.model import NVAE
 from hvae.model.compile import compile_model
 from hvae.model.remat import enable_activation_checkpointing
-from hvae.runtime import Interrupted, Runtime, StopSignals, init_runtime, release_runtime, seed_everything
+from hvae.runtime import Interrupted, Runtime, StopSignals, init_runtime, runtime_session, seed_everything
 from hvae.schedules import Schedule
 from hvae.step import EMA, GradSkipper, TrainStep
 
@@ -333,12 +333,9 @@ class Trainer:
 def train(config: Config, resume: str | os.PathLike | None = None, progress: bool = True,
           stop_at_step: int | None = None, device: str | None = None) -> dict[str, Any]:
     """Train ``config`` (under torchrun when launched so) and return the final metrics."""
-    runtime = init_runtime(device)
-    try:
+    with runtime_session(device) as runtime:
         trainer = Trainer(config, runtime, resume=resume, progress=progress)
         try:
             return trainer.fit(stop_at_step=stop_at_step)
         finally:
             trainer.logger.close()
-    finally:
-        release_runtime(runtime)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hvae import cli  # noqa: E402
-from hvae.config import PRESETS, preset  # noqa: E402
+from hvae.config import AMP_MODES, COMPILE_MODES, PRESETS, preset  # noqa: E402
 
 PAPER_PRESETS = ("mnist", "cifar10", "celeba64", "celebahq256")
 BENCH = Path(__file__).resolve().with_name("bench.py")
@@ -79,8 +79,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every report")
     args = parser.parse_args(argv)
     presets = names(args.presets, sorted(PRESETS), "presets")
-    amps = names(args.amp, ("none", "fp16", "bf16"), "amp")
-    modes = names(args.compile, ("none", "regional", "full"), "compile")
+    amps = names(args.amp, AMP_MODES, "amp")
+    modes = names(args.compile, COMPILE_MODES, "compile")
     extra = shlex.split(args.extra)
     header = ["preset", "batch", "amp", "compile"] + [title for _, title in COLUMNS]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)

@@ -343,18 +343,9 @@ def test_torchrun_trains_with_accumulation_and_checkpointing(tmp_path):
     """DDP (2 gloo processes) with 2 micro-batches per step and checkpointing, end to end;
     train.py prints the global batch."""
     import json
-    import subprocess
-    import sys
-    from test_training import REPO
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train.py"), "--no-progress", "--out", str(tmp_path / "runs"),
-           "--max_steps", "3", "--num_channels_enc", "8", "--num_channels_dec", "8",
-           "--num_groups_per_scale", "2", "--num_latent_per_group", "4", "--batch_size", "8",
-           "--eval_batches", "1", "--num_iw_samples", "1", "--channels_last", "false",
-           "--grad_accum_steps", "2", "--activation_checkpointing", "true"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from test_training import torchrun_train
+    proc = torchrun_train(tmp_path, "--eval_batches", "1", "--num_iw_samples", "1",
+                          "--grad_accum_steps", "2", "--activation_checkpointing", "true")
     assert "global batch 32 = batch_size 8 x grad_accum_steps 2 x 2 process(es)" in proc.stderr
     summary = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][0])
     assert summary["steps"] == 3 and summary["skipped_steps"] == 0

@@ -272,17 +272,24 @@ def test_train_py_rejects_typos_and_bad_values():
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
 
 
-def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path):
-    """The README's multi-process command on CPU (gloo): trains, evaluates its shard, rank 0 writes."""
-    out = tmp_path / "runs"
+def torchrun_train(tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    """train.py under torchrun, 2 gloo processes of one thread, 3 steps of a narrow
+    model writing to ``tmp_path / "runs"``; ``flags`` add to (or override) those."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train.py"), "--no-progress", "--out", str(out), "--max_steps", "3",
-           "--num_channels_enc", "8", "--num_channels_dec", "8", "--num_groups_per_scale", "2",
-           "--num_latent_per_group", "4", "--batch_size", "8", "--eval_batches", "2",
-           "--num_iw_samples", "2", "--channels_last", "false"]
+           str(REPO / "train.py"), "--no-progress", "--out", str(tmp_path / "runs"),
+           "--max_steps", "3", "--num_channels_enc", "8", "--num_channels_dec", "8",
+           "--num_groups_per_scale", "2", "--num_latent_per_group", "4", "--batch_size", "8",
+           "--channels_last", "false", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path):
+    """The README's multi-process command on CPU (gloo): trains, evaluates its shard, rank 0 writes."""
+    out = tmp_path / "runs"
+    proc = torchrun_train(tmp_path, "--eval_batches", "2", "--num_iw_samples", "2")
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     assert len(lines) == 1, proc.stdout  # only rank 0 reports
     summary = json.loads(lines[0])
