@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "LOG_SIGMA_BOUND", "SIGMA_FLOOR", "soft_clamp", "soft_clamp5", "nvae_normal_params", "residual_kl", "normal_log_prob", "Normal", "DiscMixLogistic", "Bernoulli",
+    "LOG_SIGMA_BOUND", "SIGMA_FLOOR", "standard_normal_like", "soft_clamp", "soft_clamp5", "nvae_normal_params", "residual_kl", "normal_log_prob", "Normal", "DiscMixLogistic", "Bernoulli",
     "Transform", "Dequantize", "Logit", "Sigmoid", "Tanh",
 ]
 
@@ -111,6 +111,21 @@ class _SoftClamp5(torch.autograd.Function):
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         return torch.addcmul(grad, grad * y, y, value=-0.04)  # grad * (1 - (y / 5)^2)
+
+
+def standard_normal_like(x: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) noise of ``x``'s shape, dtype, device and memory layout.
+
+    ``torch.randn_like`` of a channels-last tensor takes the CPU's scalar,
+    element-by-element path (about 9x slower than its vectorised fill: 5% of a demo
+    step); drawing a contiguous NHWC tensor and viewing it as NCHW keeps the fast
+    fill and still matches ``x``'s strides, so the elementwise ops that follow
+    do not change layout.
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = x.shape
+        return torch.randn(n, h, w, c, dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
+    return torch.randn_like(x)
 
 
 def nvae_normal_params(raw_mu: torch.Tensor, raw_log_sigma: torch.Tensor
@@ -225,7 +240,7 @@ class Normal:
 
     def sample(self, t: float = 1.0) -> torch.Tensor:
         """Reparameterised sample mu + t * sigma * eps; t < 1 is a colder sample."""
-        eps = torch.randn_like(self.mu)
+        eps = standard_normal_like(self.mu)
         return self.mu + (t * self.sigma) * eps
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch.nn as nn
 from hvae.distributions import Normal
 from hvae.config import PRESETS, preset
 from hvae.model import NVAE, NVAEOutput
+from hvae.model import cells
 from hvae.model.cells import Conv2d, bn_act_conv, batch_norm
 from hvae.model.flows import IAFCell, ShiftCell
 from latent_probes import (combiner_latents, jacobian_log_det, normal_log_density, per_image,
@@ -131,7 +132,11 @@ def test_forward_backward_reduced_presets(name):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_fused_bn_act_conv_matches_plain_path():
+@pytest.mark.parametrize("keep", [True, False], ids=["keeps", "recomputes"])
+def test_fused_bn_act_conv_matches_plain_path(monkeypatch, keep):
+    """Both backward paths (CPU: keeps BN output and activation; accelerators:
+    recomputes them from x) give the plain path's values and gradients."""
+    monkeypatch.setattr(cells, "KEEP_BN_ACT_ON", frozenset({"cpu"} if keep else ()))
     torch.manual_seed(0)
     for act, up, groups in [(True, False, 1), (False, True, 1), (True, False, 6)]:
         bn, conv = batch_norm(6).double(), Conv2d(6, 6 if groups > 1 else 4, 3, groups=groups).double()
@@ -141,7 +146,11 @@ def test_fused_bn_act_conv_matches_plain_path():
         bn2, conv2 = copy.deepcopy(bn), copy.deepcopy(conv)
         x1 = torch.randn(3, 6, 5, 5, dtype=torch.double, requires_grad=True)
         x2 = x1.detach().clone().requires_grad_()
-        y1 = bn_act_conv(x1, bn, conv, act, up)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            saved = []
+            y1 = bn_act_conv(x1, bn, conv, act, up)
+        activation_sized = sum(t.numel() >= x1.numel() for t in saved)
+        assert activation_sized == (1 + 2 * keep)  # x, and when keeping: the BN output and h
         h = bn2(x2)
         h = torch.nn.functional.silu(h) if act else h
         h = torch.nn.functional.interpolate(h, scale_factor=2) if up else h

@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hvae.config import Config
 from hvae.distributions import (Bernoulli, DiscMixLogistic, nvae_normal_params, normal_log_prob,
-                                residual_kl)
+                                residual_kl, standard_normal_like)
 from hvae.model.bank import stacked_weights
 from hvae.model.cells import ELU, Conv2d, DecCell, DecCombiner, EncCell, EncCombiner
 from hvae.model.flows import make_flow
@@ -213,7 +213,7 @@ class LatentGroup(nn.Module):
         if use_mean:
             z, neg_log_q = q_mu, q_log_sigma
         else:
-            eps = torch.randn_like(q_mu)
+            eps = standard_normal_like(q_mu)
             z = torch.addcmul(q_mu, torch.exp(q_log_sigma), eps)
             neg_log_q = torch.addcmul(q_log_sigma, eps, eps, value=0.5)
         log_det = None
@@ -243,7 +243,7 @@ class LatentGroup(nn.Module):
         state, p_raw_mu, p_raw_log_sigma = self._enter(state)
         if z is None:
             p_mu, p_log_sigma = nvae_normal_params(p_raw_mu, p_raw_log_sigma)
-            z = p_mu + (t * torch.exp(p_log_sigma)) * torch.randn_like(p_mu)
+            z = p_mu + (t * torch.exp(p_log_sigma)) * standard_normal_like(p_mu)
         return self.combiner(state, z)
 
 
