@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     add("no-ema", action="store_true", help="use the raw weights instead of the EMA")
     add("seed", type=cli.integer(0, 2**63 - 1), default=0)
-    add("num", type=count0, default=None,
-        help="images to use: samples (sample/fid, default 64/50000), inputs (recon, 64), "
-             "images of the split or of --latents (nll/encode/decode, default 0 = all)")
+    # --num-images is the spelling torchrun accepts (it reads --num as its own --numa-binding)
+    p.add_argument("--num", "--num-images", "--num_images", dest="num", type=count0, default=None,
+                   help="images to use: samples (sample/fid, default 64/50000), inputs (recon, 64), "
+                        "images of the split or of --latents (nll/encode/decode, default 0 = all)")
     add("split", default="test", choices=("train", "test"), help="split for recon/encode")
     add("temp", default="1.0", type=cli.argtype(_checked_temperature),
         help="temperature >= 0, or a comma list with one value per group (top first)")
@@ -136,7 +137,7 @@ def evaluate(args: argparse.Namespace, runtime) -> dict:
         # --seed fixes the importance samples too (each rank its own stream)
         result.update(ev.iw_log_likelihood(model, loader, k, args.iw_chunk, device, progress,
                                             distributed=world > 1, seed=args.seed + rank))
-        return result
+        return result if rank == 0 else {}  # every rank holds the all-reduced sums; one reports
     if rank != 0:
         return {}
 

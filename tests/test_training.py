@@ -295,6 +295,16 @@ def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path):
     summary = json.loads(lines[0])
     assert summary["steps"] == 3 and math.isfinite(summary["iw_nll_nats"])
     assert load_checkpoint(out / "demo" / "checkpoint.pt")["step"] == 3
+    # README's evaluation under torchrun: --num-images (torchrun owns --num), one report
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "evaluate.py"), "--checkpoint", str(out / "demo" / "checkpoint.pt"),
+           "--mode", "nll", "--num-images", "6", "--num-iw-samples", "2", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # rank 0 alone prints
+    assert json.loads(lines[0])["num_images"] == 6
 
 
 # ------------------------------------------------------- stops and resumes --
