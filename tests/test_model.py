@@ -564,3 +564,15 @@ def test_cell_expansions_are_config_fields_with_nvaes_defaults():
         assert torch.isfinite(out.params).all()
     with pytest.raises(ConfigError, match="dec_cell_expand"):
         cfg.replace(dec_cell_expand=0).validate()
+
+
+def test_repeated_images_keep_their_memory_layout():
+    """The IW pass repeats encoder features per sample; NCHW copies would send a
+    channels-last model's BatchNorms and convs down their slow layout paths."""
+    from hvae.model.nvae import repeat_images
+    x = torch.randn(3, 5, 4, 4)
+    for t, channels_last in [(x, False), (x.contiguous(memory_format=torch.channels_last), True)]:
+        r = repeat_images(t, 2)
+        assert torch.equal(r, t.repeat_interleave(2, dim=0))
+        assert r.is_contiguous(memory_format=torch.channels_last if channels_last
+                               else torch.contiguous_format)

@@ -46,6 +46,18 @@ OUTPUTS = ("auto", "sample", "mean")
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def repeat_images(x: torch.Tensor, repeats: int) -> torch.Tensor:
+    """``x.repeat_interleave(repeats, 0)`` in ``x``'s memory layout.
+
+    repeat_interleave returns NCHW-contiguous tensors; fed to a channels-last
+    model they send every conv and BatchNorm after them down the slow layout
+    path (the CPU's importance-weighted evaluation ran about 2x slower).
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).repeat_interleave(repeats, dim=0).permute(0, 3, 1, 2)
+    return x.repeat_interleave(repeats, dim=0)
+
+
 def raw_normal_params(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A conv's 2L output channels -> raw (mu, log sigma), in float32 (not yet clamped:
     NVAE clamps the *sums* of raw prior and posterior outputs)."""
@@ -402,7 +414,7 @@ class NVAE(nn.Module):
         """``forward`` on the prepared input, weights already stacked (what ``--compile full`` compiles)."""
         feats = self._encode_bottom_up(x)
         if repeats > 1:
-            feats = [f.repeat_interleave(repeats, dim=0) for f in feats]
+            feats = [repeat_images(f, repeats) for f in feats]
         state, stats = self.top_down(feats[0].shape[0], enc_feats=feats, use_mean=use_mean,
                                      analytic_kl=analytic_kl)
         params = self._output_params(state)
