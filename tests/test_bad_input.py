@@ -209,7 +209,7 @@ EVALUATE = [
     ("--checkpoint {ckpt} --mode decode --latents {tmp}/missing.npz", "--latents"),
     ("--checkpoint {ckpt} --mode decode --latents {tmp}/not_npz.npz", "not an .npz archive"),
     ("--checkpoint {ckpt} --mode decode --latents {tmp}/wrong_keys.npz", "group_00"),
-    ("--checkpoint {ckpt} --mode decode --latents {tmp}/wrong_shape.npz", "[2, 4, 8, 8]"),
+    ("--checkpoint {ckpt} --mode decode --latents {tmp}/wrong_shape.npz", "needs floats of shape [2, 4, 7, 7]"),
     ("--checkpoint {ckpt} --mode decode --latents {tmp}/too_many.npz", "4 latent groups"),
     ("--checkpoint {ckpt} --mode decode --latents {tmp}/mixed_n.npz", "group_01"),
     ("--checkpoint {ckpt} --mode decode --latents {tmp}/nan.npz", "non-finite"),

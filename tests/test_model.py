@@ -549,11 +549,15 @@ def test_mnist_likelihood_counts_real_pixels_only():
 
 def test_cell_expansions_are_config_fields_with_nvaes_defaults():
     """--dec_cell_expand / --post_cell_expand set the hidden width of decoder and
-    post-processing cells (NVAE's 6 and 3 by default); 0 is refused."""
-    from hvae.config import ConfigError
+    post-processing cells (NVAE's 6 and 3 by default and in every paper recipe; the
+    CPU demo halves them); 0 is refused."""
+    from hvae.config import Config, ConfigError
     from hvae.model.cells import DecCell
+    assert (Config().dec_cell_expand, Config().post_cell_expand) == (6, 3)
+    for name in PRESETS:
+        expected = (3, 2) if name == "demo" else (6, 3)
+        assert (preset(name).dec_cell_expand, preset(name).post_cell_expand) == expected, name
     cfg = preset("demo", num_channels_enc=8, num_channels_dec=8)
-    assert (cfg.dec_cell_expand, cfg.post_cell_expand) == (6, 3)
     for dec, post in [(6, 3), (2, 1)]:
         model = NVAE(cfg.replace(dec_cell_expand=dec, post_cell_expand=post))
         cell = model.groups[-1].dec_cells[0]
