@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "LOG_SIGMA_BOUND", "SIGMA_FLOOR", "standard_normal_like", "soft_clamp", "soft_clamp5", "nvae_normal_params", "residual_kl", "normal_log_prob", "Normal", "DiscMixLogistic", "Bernoulli",
+    "LOG_SIGMA_BOUND", "SIGMA_FLOOR", "is_channels_last", "standard_normal_like", "soft_clamp", "soft_clamp5", "nvae_normal_params", "residual_kl", "normal_log_prob", "Normal", "DiscMixLogistic", "Bernoulli",
     "Transform", "Dequantize", "Logit", "Sigmoid", "Tanh",
 ]
 
@@ -113,6 +113,11 @@ class _SoftClamp5(torch.autograd.Function):
         return torch.addcmul(grad, grad * y, y, value=-0.04)  # grad * (1 - (y / 5)^2)
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a 4-d tensor laid out channels-last (and not also plain contiguous)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def standard_normal_like(x: torch.Tensor) -> torch.Tensor:
     """N(0, 1) noise of ``x``'s shape, dtype, device and memory layout.
 
@@ -122,7 +127,7 @@ def standard_normal_like(x: torch.Tensor) -> torch.Tensor:
     fill and still matches ``x``'s strides, so the elementwise ops that follow
     do not change layout.
     """
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         n, c, h, w = x.shape
         return torch.randn(n, h, w, c, dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
     return torch.randn_like(x)

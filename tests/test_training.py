@@ -272,18 +272,24 @@ def test_train_py_rejects_typos_and_bad_values():
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
 
 
-def torchrun_train(tmp_path, *flags: str) -> subprocess.CompletedProcess:
-    """train.py under torchrun, 2 gloo processes of one thread, 3 steps of a narrow
-    model writing to ``tmp_path / "runs"``; ``flags`` add to (or override) those."""
+def torchrun(tmp_path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """``script`` (in the repo root) under torchrun: 2 gloo processes of one thread, in
+    ``tmp_path``; asserts a zero exit."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train.py"), "--no-progress", "--out", str(tmp_path / "runs"),
-           "--max_steps", "3", "--num_channels_enc", "8", "--num_channels_dec", "8",
-           "--num_groups_per_scale", "2", "--num_latent_per_group", "4", "--batch_size", "8",
-           "--channels_last", "false", *flags]
+           str(REPO / script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def torchrun_train(tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    """train.py under ``torchrun``, 3 steps of a narrow model writing to
+    ``tmp_path / "runs"``; ``flags`` add to (or override) those."""
+    return torchrun(tmp_path, "train.py", "--no-progress", "--out", str(tmp_path / "runs"),
+                    "--max_steps", "3", "--num_channels_enc", "8", "--num_channels_dec", "8",
+                    "--num_groups_per_scale", "2", "--num_latent_per_group", "4",
+                    "--batch_size", "8", "--channels_last", "false", *flags)
 
 
 def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path):
@@ -296,12 +302,8 @@ def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path):
     assert summary["steps"] == 3 and math.isfinite(summary["iw_nll_nats"])
     assert load_checkpoint(out / "demo" / "checkpoint.pt")["step"] == 3
     # README's evaluation under torchrun: --num-images (torchrun owns --num), one report
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "evaluate.py"), "--checkpoint", str(out / "demo" / "checkpoint.pt"),
-           "--mode", "nll", "--num-images", "6", "--num-iw-samples", "2", "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(tmp_path, "evaluate.py", "--checkpoint", str(out / "demo" / "checkpoint.pt"),
+                    "--mode", "nll", "--num-images", "6", "--num-iw-samples", "2", "--no-progress")
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     assert len(lines) == 1, proc.stdout  # rank 0 alone prints
     assert json.loads(lines[0])["num_images"] == 6

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from hvae.distributions import is_channels_last
 from hvae.model.cells import Conv2d, weight_norm
 
 
@@ -49,10 +50,6 @@ class Stack:
         return tuple(w.permute(0, 3, 1, 2) for w in rows) if self.channels_last else rows
 
 
-def _channels_last(w: torch.Tensor) -> bool:
-    return w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
-
-
 def _memory_order(w: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """[o, i, k, k] -> a view in memory order ([o, k, k, i] for channels-last weights)."""
     return w.permute(0, 2, 3, 1) if channels_last else w
@@ -78,12 +75,12 @@ def _groups(modules, key) -> list[list[nn.Module]]:
 
 def _conv_key(c: Conv2d) -> tuple:
     w = c.weight
-    return (tuple(w.shape), w.dtype, w.device, _channels_last(w),
+    return (tuple(w.shape), w.dtype, w.device, is_channels_last(w),
             c.weight_mask() is not None, c.log_weight_norm is not None)
 
 
 def _stacks(convs: list[Conv2d], norms: list[_BatchNorm]) -> list[Stack]:
-    stacks = [_conv_stack(group, _channels_last(group[0].weight)) for group in _groups(convs, _conv_key)]
+    stacks = [_conv_stack(group, is_channels_last(group[0].weight)) for group in _groups(convs, _conv_key)]
     stacks += [Stack(torch.stack([bn.weight for bn in group]), group)
                for group in _groups(norms, lambda bn: (bn.weight.numel(), bn.weight.dtype, bn.weight.device))]
     return stacks

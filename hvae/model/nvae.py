@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hvae.config import Config
 from hvae.distributions import (Bernoulli, DiscMixLogistic, nvae_normal_params, normal_log_prob,
-                                residual_kl, standard_normal_like)
+                                is_channels_last, residual_kl, standard_normal_like)
 from hvae.model.bank import stacked_weights
 from hvae.model.cells import ELU, Conv2d, DecCell, DecCombiner, EncCell, EncCombiner
 from hvae.model.flows import make_flow
@@ -53,7 +53,7 @@ def repeat_images(x: torch.Tensor, repeats: int) -> torch.Tensor:
     model they send every conv and BatchNorm after them down the slow layout
     path (the CPU's importance-weighted evaluation ran about 2x slower).
     """
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         return x.permute(0, 2, 3, 1).repeat_interleave(repeats, dim=0).permute(0, 3, 1, 2)
     return x.repeat_interleave(repeats, dim=0)
 
