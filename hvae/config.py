@@ -97,6 +97,10 @@ class Config:
     # recompute each residual cell and latent group in backward instead of keeping
     # its activations (torch.utils.checkpoint, non-reentrant): less memory, more time
     activation_checkpointing: bool = False
+    # capture the whole training step (forward, backward, Adamax, EMA) in one CUDA graph
+    # and replay it; the skip decision moves onto the device.  Single GPU; the run says
+    # why when it falls back to eager steps.  See hvae/graphed_step.py.
+    cuda_graphs: bool = False
 
     # ---- objective ---------------------------------------------------------
     kl_anneal_portion: float = 0.3

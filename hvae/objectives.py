@@ -168,6 +168,12 @@ class SpectralRegularizer(nn.Module):
         self._initialized_on_host = None
 
     @property
+    def settled(self) -> bool:
+        """Whether the host knows that the longer first call is done: every later call
+        runs the same kernels (what a CUDA-graph capture needs)."""
+        return self._initialized_on_host is True
+
+    @property
     def num_weights(self) -> int:
         return sum(len(mods) for _, _, mods in self._groups)
 

@@ -74,11 +74,14 @@ def runtime_session(device: str | None = None) -> Iterator[Runtime]:
             dist.destroy_process_group()
 
 
-def autocast(device: torch.device, amp: str):
-    """The autocast context of ``--amp`` (none, fp16, bf16) on ``device``."""
+def autocast(device: torch.device, amp: str, cache_enabled: bool = True):
+    """The autocast context of ``--amp`` (none, fp16, bf16) on ``device``.
+
+    ``cache_enabled=False`` re-casts the weights at every use instead of caching
+    the casts for the context's lifetime: what a CUDA-graph capture needs."""
     if amp not in AMP_DTYPES:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp], cache_enabled=cache_enabled)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -42,11 +42,20 @@ class EMA:
         self._pairs = (list(self.model.parameters()), [p.detach() for p in model.parameters()],
                        list(self.model.buffers()), list(model.buffers()))
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
+    def update(self, step: int | None = None, weight: torch.Tensor | None = None) -> None:
+        """Move the average towards the weights by ``1 - decay_at(step)``, or by ``weight``
+        (a device tensor: the sync-free step passes 0 for a skipped update)."""
         ema_params, params, ema_buffers, buffers = self._pairs
-        torch._foreach_lerp_(ema_params, params, 1 - d)
+        if weight is None:
+            torch._foreach_lerp_(ema_params, params, 1 - self.decay_at(step))
+        else:  # foreach lerp would read a tensor weight on the host
+            moved = torch._foreach_sub(params, ema_params)
+            torch._foreach_mul_(moved, weight)
+            torch._foreach_add_(ema_params, moved)
         torch._foreach_copy_(ema_buffers, buffers)
 
 
@@ -85,7 +94,7 @@ class GradSkipper:
         slot = self._positions == self.accepted % self.norms.numel()  # one-hot: no host index
         self.norms.copy_(torch.where(slot & ~skip, norm.float(), self.norms))
         self.accepted += (~skip).long()
-        self.consecutive = torch.where(skip, self.consecutive + 1, 0)
+        self.consecutive.copy_(torch.where(skip, self.consecutive + 1, 0))  # in place: CUDA graphs
         self.skipped += skip.long()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -95,6 +104,25 @@ class GradSkipper:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name in ("norms", "accepted", "consecutive", "skipped"):
             getattr(self, name).copy_(state[name])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepValues:
+    """The schedules' numbers for one step.  Plain floats in ``TrainStep``; in the
+    sync-free step (``hvae.graphed_step``) the numbers are device tensors, refilled
+    every step, and only the two flags (which change the step's structure) are
+    Python values."""
+    lr: float | torch.Tensor
+    kl_weight: float | torch.Tensor
+    reg_lambda: float | torch.Tensor
+    balancing: bool          # KL balancing on (during the KL warm-up)
+    regularise: bool         # reg_lambda != 0: the spectral + BN regulariser is computed
+
+    @classmethod
+    def at(cls, schedule: Schedule, step: int) -> "StepValues":
+        lam = schedule.reg_lambda(step)
+        return cls(lr=schedule.learning_rate(step), kl_weight=schedule.kl_weight(step),
+                   reg_lambda=lam, balancing=schedule.balancing(step), regularise=lam != 0)
 
 
 def _combine(parts: list[tuple[objectives.Loss, dict]], weights: list[float]
@@ -117,6 +145,19 @@ def batchnorm_state(model: nn.Module) -> list[torch.Tensor]:
             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
 
 
+def step_counts_on_host(optimizer: torch.optim.Optimizer) -> None:
+    """Keep each parameter's step count on the CPU, where torch's non-capturable
+    optimisers expect it.  A checkpoint loaded onto a GPU puts them there, and the
+    optimiser would then read every one back: one host sync per parameter per step."""
+    for group in optimizer.param_groups:
+        if group.get("capturable") or group.get("fused"):
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")) and state["step"].device.type != "cpu":
+                state["step"] = state["step"].to("cpu", torch.float32)
+
+
 class TrainStep:
     """Forward, loss, backward and (unless skipped) one optimiser update of one batch.
 
@@ -137,6 +178,8 @@ class TrainStep:
         self.balance_weights = objectives.group_prior_weights(model.group_scale).to(runtime.device)
         self._forward_state = batchnorm_state(model) + list(spectral.buffers())
         self._forward_backup = [b.clone() for b in self._forward_state]
+        self.autocast_cache = True  # autocast's cast cache (off under CUDA-graph capture)
+        optimizer.register_load_state_dict_post_hook(step_counts_on_host)
 
     def __call__(self, x: torch.Tensor | Sequence[torch.Tensor], step: int,
                  stop_requested: bool | Callable[[], bool] = False) -> dict:
@@ -146,9 +189,19 @@ class TrainStep:
         ``x``: one batch, or a list of micro-batches (gradient accumulation).
         ``stop_requested`` may be a callable, read just before the update, so that
         a signal arriving between micro-batches stops after this step."""
-        lr = self.schedule.learning_rate(step)
+        values = StepValues.at(self.schedule, step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = values.lr
+        loss, reg = self.forward_backward_all(x, values)
+        if callable(stop_requested):
+            stop_requested = stop_requested()
+        norm, skipped, stop = self.update(loss, step, stop_requested)
+        return {**self.metrics(loss, reg, values, norm), "skipped": skipped,
+                "skipped_total": self.skipper.skipped, "stop": stop}
+
+    def forward_backward_all(self, x: torch.Tensor | Sequence[torch.Tensor], values: StepValues
+                             ) -> tuple[objectives.Loss, dict]:
+        """Forward and backward of every micro-batch of the step; their combined loss."""
         micro = list(x) if isinstance(x, (list, tuple)) else [x]
         total = sum(m.shape[0] for m in micro)
         parts = []
@@ -156,50 +209,50 @@ class TrainStep:
             last = k == len(micro) - 1
             no_sync = getattr(self.net, "no_sync", None)  # DDP: all-reduce on the last only
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
-                parts.append(self.forward_backward(xb, step, weight=xb.shape[0] / total,
+                parts.append(self.forward_backward(xb, values, weight=xb.shape[0] / total,
                                                    first=k == 0, last=last))
-        loss, reg = parts[0] if len(parts) == 1 else _combine(parts, [m.shape[0] / total for m in micro])
-        if callable(stop_requested):
-            stop_requested = stop_requested()
-        norm, skipped, stop = self.update(loss, step, stop_requested)
+        return parts[0] if len(parts) == 1 else _combine(parts, [m.shape[0] / total for m in micro])
+
+    def metrics(self, loss: objectives.Loss, reg: dict, values: StepValues, norm: torch.Tensor
+                ) -> dict:
         return {"loss": loss.loss.detach(), "nelbo": loss.nelbo.mean(),
                 "recon": loss.recon.mean(),
                 "bpd": objectives.bits_per_dim(loss.nelbo.mean(), self.model.data_dims),
-                "kl": loss.kl_groups.sum(), "kl_weight": self.schedule.kl_weight(step),
+                "kl": loss.kl_groups.sum(), "kl_weight": values.kl_weight,
                 "kl_groups": loss.kl_groups, "kl_coeffs": loss.kl_coeffs,
-                "reg": loss.reg, **reg, "lr": lr, "grad_norm": norm, "skipped": skipped,
-                "skipped_total": self.skipper.skipped, "stop": stop}
+                "reg": loss.reg, **reg, "lr": values.lr, "grad_norm": norm}
 
-    def forward_backward(self, x: torch.Tensor, step: int, weight: float = 1.0,
+    def forward_backward(self, x: torch.Tensor, step: int | StepValues, weight: float = 1.0,
                          first: bool = True, last: bool = True) -> tuple[objectives.Loss, dict]:
         """The regularised loss of one batch, back-propagated (gradients averaged over ranks).
 
-        For micro-batch accumulation: the data loss's gradient is scaled by
-        ``weight`` (its share of the step's images); ``first`` clears the gradients
-        and backs up the forward-mutated state, ``last`` adds the regulariser
-        (a function of the weights only: once per update)."""
-        cfg, schedule = self.config, self.schedule
+        ``step``: the step number, or its ``StepValues``.  For micro-batch
+        accumulation: the data loss's gradient is scaled by ``weight`` (its share
+        of the step's images); ``first`` clears the gradients and backs up the
+        forward-mutated state, ``last`` adds the regulariser (a function of the
+        weights only: once per update)."""
+        cfg = self.config
+        values = step if isinstance(step, StepValues) else StepValues.at(self.schedule, step)
         x = x.to(self.runtime.device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if first:
             torch._foreach_copy_(self._forward_backup, self._forward_state)
         self.model.train()
-        lam = schedule.reg_lambda(step) if last else 0
-        reg, terms = None, {"reg_lambda": schedule.reg_lambda(step)}
+        reg, terms = None, {"reg_lambda": values.reg_lambda}
         with self.model.stacked_weights():  # weights stacked once for forward and regularisers
-            with autocast(self.runtime.device, cfg.amp):
+            with autocast(self.runtime.device, cfg.amp, cache_enabled=self.autocast_cache):
                 output = self.net(x, analytic_kl=not cfg.kl_mc)
-            if lam != 0:
+            if last and values.regularise:
                 terms.update(reg_spectral=self.spectral(),
                              reg_bn=objectives.bn_regularizer(self.model))
-                reg = lam * (terms["reg_spectral"] + terms["reg_bn"])
+                reg = values.reg_lambda * (terms["reg_spectral"] + terms["reg_bn"])
         recon, kl = -output.likelihood.log_prob(x), output.kl_groups
         del output  # the latents it holds are not needed for backward: freed before it
         whole = weight == 1.0
         loss = objectives.compute_loss(
-            recon, kl, kl_weight=schedule.kl_weight(step),
-            balance_weights=self.balance_weights if schedule.balancing(step) else None,
+            recon, kl, kl_weight=values.kl_weight,
+            balance_weights=self.balance_weights if values.balancing else None,
             free_bits=cfg.kl_free_bits, reg=reg if whole else None)
         total = loss.loss
         if not whole:  # a micro-batch: its share of the data loss, the regulariser in full
@@ -209,9 +262,12 @@ class TrainStep:
                 loss = dataclasses.replace(loss, loss=loss.loss.detach() + reg.detach(),
                                            reg=reg.detach())
         if first:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.clear_gradients()
         self.scaler.scale(total).backward()
         return loss, {k: v.detach() if torch.is_tensor(v) else v for k, v in terms.items()}
+
+    def clear_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def update(self, loss: objectives.Loss, step: int, stop_requested: bool = False
                ) -> tuple[torch.Tensor, bool, bool]:

@@ -33,6 +33,7 @@ from hvae import objectives
 from hvae.checkpoint import Checkpointer
 from hvae.config import Config, ConfigError
 from hvae.errors import HvaeError
+from hvae.graphed_step import SyncFreeStep, graph_blockers
 from hvae.logger import MetricsLogger
 from hvae.model import NVAE
 from hvae.model.compile import compile_model
@@ -111,8 +112,7 @@ class Trainer:
         enable_activation_checkpointing(self.model, cfg.activation_checkpointing)  # after compile
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.skipper = GradSkipper(cfg.grad_skip_factor, enabled=cfg.grad_skip, device=device)
-        self.train_step_fn = TrainStep(self.model, net, cfg, rt, self.schedule, self.optimizer,
-                                       self.spectral, self.ema, self.skipper, self.scaler)
+        self.train_step_fn = self._make_step(net)
         self.checkpointer = Checkpointer(self.run_dir, enabled=rt.is_main)
         self.logger = MetricsLogger(self.run_dir, enabled=rt.is_main)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0  # batch_in_epoch: loader batches
@@ -121,6 +121,20 @@ class Trainer:
         seed_everything(cfg.seed + 1 + rt.rank)  # per-rank noise streams
         if resume:
             Checkpointer.restore(self, resume, rank=rt.rank if rt.distributed else 0)
+
+    def _make_step(self, net: nn.Module) -> TrainStep:
+        """The eager step, or with ``cuda_graphs`` the captured one where nothing prevents it."""
+        cfg, rt = self.config, self.runtime
+        parts = (self.model, net, cfg, rt, self.schedule, self.optimizer, self.spectral,
+                 self.ema, self.skipper, self.scaler)
+        if cfg.cuda_graphs:
+            blockers = graph_blockers(cfg, rt)
+            if not blockers:
+                return SyncFreeStep(*parts, capture=rt.device.type == "cuda")
+            if rt.is_main:
+                print("--cuda_graphs: taking eager steps instead: " + "; ".join(blockers),
+                      file=sys.stderr, flush=True)
+        return TrainStep(*parts)
 
     def _check_data_fits(self) -> None:
         """Fail before training when the data's shape is not the one the config describes."""

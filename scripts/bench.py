@@ -27,6 +27,11 @@ batch, on any machine):
 
     python scripts/bench.py --preset celebahq256 --amp bf16 --activation_checkpointing true --memory-only
 
+``--cuda_graphs true`` times the captured step (CUDA; elsewhere the run says why
+it falls back): the counts are then what the host still dispatches per replayed
+step, ``--kernels`` what the GPU runs, and ``graph_captures`` how many captures
+the run made (1, or 2 when the KL balancing ended during the timed steps).
+
 ``--op-report N`` adds the N most frequent ops of the counted step;
 ``--compile MODE`` is the Config field (none, regional, full): ``first_step_s``
 is then mostly compile time (``--backend aot_eager`` traces without generating
@@ -204,7 +209,7 @@ def resident_at_backward(config) -> dict:
     from hvae.step import GradSkipper, TrainStep
 
     @contextlib.contextmanager
-    def cuda_autocast(device, amp):  # torch.autocast("cuda") turns itself off without a GPU
+    def cuda_autocast(device, amp, cache_enabled=True):  # torch.autocast("cuda") turns itself off without a GPU
         if amp not in AMP_DTYPES:
             yield
             return
@@ -355,6 +360,8 @@ def main(argv=None) -> int:
     report = {"preset": config.preset, "batch_size": config.batch_size,
               "device": str(device), "threads": torch.get_num_threads(),
               "amp": config.amp, "compile": config.compile, "params": params,
+              "cuda_graphs": config.cuda_graphs,
+              "graph_captures": getattr(trainer.train_step_fn, "captures", None),
               "backend": compile_module.BACKEND if config.compile != "none" else None,
               "ms_per_step": round(step_s * 1000, 1),
               "images_per_s": round(config.batch_size * config.grad_accum_steps / step_s, 2),

@@ -2,6 +2,7 @@
 
     python scripts/bench_table.py                                  # paper presets, their batch/GPU
     python scripts/bench_table.py --presets mnist,cifar10 --amp none,bf16 --compile none,regional
+    python scripts/bench_table.py --presets cifar10 --cuda_graphs false,true   # on a GPU
     python scripts/bench_table.py --presets demo --batch 64 --extra "--threads 2"
 
 Each configuration runs in its own process (a fresh peak-memory counter, no
@@ -43,9 +44,9 @@ def names(text: str, allowed, what: str) -> list[str]:
 
 
 def run_row(preset_name: str, batch: int, amp: str, compile_mode: str, extra: list[str],
-            timeout: float) -> dict:
+            timeout: float, cuda_graphs: str = "false") -> dict:
     cmd = [sys.executable, str(BENCH), "--preset", preset_name, "--batch_size", str(batch),
-           "--amp", amp, "--compile", compile_mode, *extra]
+           "--amp", amp, "--compile", compile_mode, "--cuda_graphs", cuda_graphs, *extra]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
                         help="per-device batch of every row (default: each preset's own)")
     parser.add_argument("--amp", default="bf16", help="comma-separated: none,fp16,bf16")
     parser.add_argument("--compile", default="none", help="comma-separated: none,regional,full")
+    parser.add_argument("--cuda_graphs", default="false", help="comma-separated: false,true")
     parser.add_argument("--extra", default="", help="more bench.py arguments, one string")
     parser.add_argument("--timeout", type=cli.finite_float(0, above=True), default=1800,
                         help="seconds per row")
@@ -81,17 +83,19 @@ def main(argv=None) -> int:
     presets = names(args.presets, sorted(PRESETS), "presets")
     amps = names(args.amp, AMP_MODES, "amp")
     modes = names(args.compile, COMPILE_MODES, "compile")
+    graphs = names(args.cuda_graphs, ("false", "true"), "cuda_graphs")
     extra = shlex.split(args.extra)
-    header = ["preset", "batch", "amp", "compile"] + [title for _, title in COLUMNS]
+    header = ["preset", "batch", "amp", "compile", "CUDA graphs"] + [title for _, title in COLUMNS]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     reports = []
-    for name, amp, mode in itertools.product(presets, amps, modes):
+    for name, amp, mode, graphed in itertools.product(presets, amps, modes, graphs):
         batch = args.batch or preset(name).batch_size
-        report = run_row(name, batch, amp, mode, extra, args.timeout)
-        reports.append({"preset": name, "batch": batch, "amp": amp, "compile": mode, **report})
+        report = run_row(name, batch, amp, mode, extra, args.timeout, graphed)
+        reports.append({"preset": name, "batch": batch, "amp": amp, "compile": mode,
+                        "cuda_graphs": graphed, **report})
         values = ([f"error: {report['error']}"] + [""] * (len(COLUMNS) - 1) if "error" in report
                   else [cell(report, key) for key, _ in COLUMNS])
-        print("| " + " | ".join([name, str(batch), amp, mode] + values) + " |", flush=True)
+        print("| " + " | ".join([name, str(batch), amp, mode, graphed] + values) + " |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(reports, indent=1))
     return 0

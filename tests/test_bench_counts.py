@@ -53,7 +53,7 @@ def run_table(tmp_path, *extra):
 
 def test_bench_table_prints_a_row_per_configuration(tmp_path):
     lines, reports = run_table(tmp_path)
-    assert lines[0].startswith("| preset | batch | amp | compile | ms/step")
+    assert lines[0].startswith("| preset | batch | amp | compile | CUDA graphs | ms/step")
     assert [line.split(" | ")[2] for line in lines[2:]] == ["none", "bf16"]
     assert [r["amp"] for r in reports] == ["none", "bf16"]
     assert all(r["host_syncs_per_step"] == 1 for r in reports)

@@ -1,0 +1,311 @@
+"""The sync-free step behind ``--cuda_graphs``, on the CPU: the same training as the eager
+step, no host read, skips that leave no trace, exact resume, checkpoints shared with the
+eager step, and the capture / replay bookkeeping (with a stand-in for the CUDA graph)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hvae import graphed_step
+from hvae import training as training_module
+from hvae.checkpoint import load_checkpoint
+from hvae.config import preset
+from hvae.graphed_step import MaskedAdamax, SyncFreeStep, graph_blockers
+from hvae.runtime import Runtime
+from hvae.step import TrainStep
+from hvae.training import Trainer, train
+
+TINY = dict(num_channels_enc=8, num_channels_dec=8, num_groups_per_scale=2,
+            num_latent_per_group=4, num_preprocess_cells=1, num_postprocess_cells=1,
+            batch_size=16, num_iw_samples=2, eval_batches=2, log_every=1, warmup_epochs=0,
+            ema_decay=0.9)
+
+
+def tiny(tmp_path, **overrides):
+    return preset("demo", out=str(tmp_path / "runs"), **{**TINY, **overrides})
+
+
+def batch(seed: int, n: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.full((n, 1, 28, 28), 0.2), generator=g)
+
+
+@pytest.fixture
+def sync_free_on_cpu(monkeypatch):
+    """Let ``--cuda_graphs`` build the sync-free step on the CPU (uncaptured there)."""
+    monkeypatch.setattr(training_module, "graph_blockers", lambda config, runtime: [])
+
+
+def pair(tmp_path, **overrides) -> tuple[Trainer, Trainer]:
+    """An eager and a sync-free trainer from the same initial weights."""
+    cfg = tiny(tmp_path, **overrides)
+    eager = Trainer(cfg, Runtime(), progress=False)
+    synced = Trainer(cfg.replace(cuda_graphs=True), Runtime(), progress=False)
+    synced.model.load_state_dict(eager.model.state_dict())
+    synced.ema.model.load_state_dict(eager.ema.model.state_dict())
+    assert type(eager.train_step_fn) is TrainStep and type(synced.train_step_fn) is SyncFreeStep
+    return eager, synced
+
+
+def step_both(eager: Trainer, synced: Trainer, x, seed: int) -> tuple[dict, dict]:
+    torch.manual_seed(seed)
+    a = eager.train_step(x)
+    torch.manual_seed(seed)
+    b = synced.train_step(x)
+    return a, b
+
+
+def assert_trainers_close(eager: Trainer, synced: Trainer, rtol=1e-4, atol=1e-5) -> None:
+    for part in ("model", "ema_model"):
+        sa = (eager.model if part == "model" else eager.ema.model).state_dict()
+        sb = (synced.model if part == "model" else synced.ema.model).state_dict()
+        for key in sa:
+            torch.testing.assert_close(sb[key], sa[key], rtol=rtol, atol=atol, msg=f"{part}.{key}")
+
+
+# ------------------------------------------------------------------ Adamax
+def test_masked_adamax_is_torchs_adamax_and_a_skip_changes_nothing():
+    torch.manual_seed(0)
+    shapes = [(8, 3, 3, 3), (8,), (5, 4)]
+    ref = [torch.randn(s, requires_grad=True) for s in shapes]
+    ours = [p.detach().clone().requires_grad_() for p in ref]
+    kwargs = dict(lr=0.1, weight_decay=3e-4, eps=1e-3, foreach=True)
+    torch_adamax = torch.optim.Adamax(ref, **kwargs)
+    masked = MaskedAdamax(torch.optim.Adamax(ours, **kwargs), torch.device("cpu"))
+    lr, take, skip = torch.tensor(0.1), torch.tensor(False), torch.tensor(True)
+    for i in range(12):
+        grads = [torch.randn(s) * (1 + i) for s in shapes]
+        for p, q, g in zip(ref, ours, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        torch_adamax.step()
+        masked.step(lr, take)
+        if i in (3, 7):  # a skipped update in between (NaN / inf gradients): no trace at all
+            before = ([q.detach().clone() for q in ours],
+                      [copy.deepcopy(masked.optimizer.state[q]) for q in ours], masked.count.clone())
+            for q in ours:
+                q.grad = torch.full_like(q, math.nan)
+            ours[0].grad[0] = math.inf
+            masked.step(lr, skip)
+            for q, b in zip(ours, before[0]):
+                assert torch.equal(q.detach(), b)
+            for q, saved in zip(ours, before[1]):
+                for key in ("exp_avg", "exp_inf"):
+                    assert torch.equal(masked.optimizer.state[q][key], saved[key])
+            assert torch.equal(masked.count, before[2])
+        for p, q in zip(ref, ours):
+            torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-6, atol=1e-6)
+    assert int(masked.count) == 12
+    # checkpoints keep torch's layout: every step count is the number of updates taken
+    state = masked.optimizer.state_dict()
+    assert all(float(s["step"]) == 12 for s in state["state"].values())
+    for s, t in zip(state["state"].values(), torch_adamax.state_dict()["state"].values()):
+        torch.testing.assert_close(s["exp_avg"], t["exp_avg"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(s["exp_inf"], t["exp_inf"], rtol=1e-6, atol=1e-6)
+    # and a loaded state sets the count (an eager run's checkpoint resumed sync-free)
+    fresh = MaskedAdamax(torch.optim.Adamax([p.detach().clone().requires_grad_() for p in ref],
+                                            **kwargs), torch.device("cpu"))
+    fresh.optimizer.load_state_dict(torch_adamax.state_dict())
+    assert int(fresh.count) == 12
+
+
+def test_a_skipped_first_update_leaves_fresh_parameters_untouched():
+    p = torch.zeros(4, requires_grad=True)
+    masked = MaskedAdamax(torch.optim.Adamax([p], lr=1.0), torch.device("cpu"))
+    p.grad = torch.full((4,), math.nan)
+    masked.step(torch.tensor(1.0), torch.tensor(True))  # exp_inf is still 0 here: no 0/0
+    assert torch.equal(p.detach(), torch.zeros(4)) and int(masked.count) == 0
+    p.grad = torch.ones(4)
+    masked.step(torch.tensor(1.0), torch.tensor(False))
+    # first Adamax update: m = 0.1 g, u = |g| + eps, bias correction 1 - 0.9: step = -lr
+    torch.testing.assert_close(p.detach(), torch.full((4,), -1 / (1 + 1e-8)), rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------- the step
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(amp="bf16"),
+    dict(grad_accum_steps=2, batch_size=8, grad_clip=0.0),
+    dict(amp="fp16"),
+], ids=["fp32", "bf16", "accumulation", "fp16-scaler"])
+def test_sync_free_step_trains_as_the_eager_step(tmp_path, sync_free_on_cpu, overrides):
+    # a small learning rate: the two Adamax roundings differ in the last bit, and a large
+    # one amplifies that into visible differences within a few steps (bf16 most)
+    eager, synced = pair(tmp_path, learning_rate=2e-3, **overrides)
+    n, taken = eager.config.batch_size, 0
+    half = eager.config.amp != "none"
+    tolerance = dict(rtol=1e-3, atol=1e-3) if half else dict(rtol=1e-4, atol=1e-5)
+    # fp16: the loss scale starts at 2^16 and halves at each overflow before updates begin
+    for i in range(14 if eager.config.amp == "fp16" else 6):
+        x = batch(i, 16)
+        x = x if eager.accum == 1 else [x[:n], x[n:]]
+        a, b = step_both(eager, synced, x, seed=100 + i)
+        assert bool(a["skipped"]) == bool(b["skipped"])  # fp16: overflows at the first scales
+        taken += not bool(b["skipped"])
+        for key in ("loss", "nelbo", "kl", "grad_norm", "lr", "kl_weight", "reg"):
+            torch.testing.assert_close(torch.as_tensor(b[key]).float(),
+                                       torch.as_tensor(a[key]).float(), equal_nan=True,
+                                       msg=key, **tolerance)
+    # fp32 pins the update (a wrong Adamax term moves weights by ~lr = 2e-3); half precision
+    # rounds the two runs' last-bit differences apart, so it checks the plumbing only
+    assert_trainers_close(eager, synced, rtol=1e-4, atol=5e-4 if half else 1e-5)
+    assert taken >= 3
+    if eager.scaler.is_enabled():
+        assert eager.scaler.get_scale() == synced.scaler.get_scale() < 2.0**16
+
+
+class _CaptureHazards(TorchDispatchMode):
+    """Ops that read the device on the host, or copy host data in: a capture forbids them."""
+    FORBIDDEN = {"_local_scalar_dense", "nonzero", "masked_select", "lift_fresh", "unique",
+                 "_unique2", "item"}
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.FORBIDDEN or (name == "repeat_interleave"
+                                      and (kwargs or {}).get("output_size") is None):
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(amp="fp16", num_nf=1)],
+                         ids=["fp32", "fp16-flows"])
+def test_the_sync_free_step_reads_nothing_back(tmp_path, sync_free_on_cpu, overrides):
+    """Zero host syncs, and nothing a CUDA-graph capture forbids, in the whole step."""
+    _, synced = pair(tmp_path, **overrides)
+    # until an update is taken (fp16: the first loss scales overflow), the step reads the
+    # decision once, to repeat the regulariser's longer first call after a skip
+    for i in range(20):
+        if not bool(synced.train_step(batch(i))["skipped"]):
+            break
+    assert synced.spectral.settled
+    hazards = _CaptureHazards()
+    with hazards:
+        synced.train_step(batch(20))
+    assert hazards.found == []
+
+
+def test_a_skipped_sync_free_step_leaves_no_trace(tmp_path, sync_free_on_cpu):
+    _, trainer = pair(tmp_path)
+    trainer.train_step(batch(0))
+    before = {"model": copy.deepcopy(trainer.model.state_dict()),
+              "ema": copy.deepcopy(trainer.ema.model.state_dict()),
+              "spectral": copy.deepcopy(trainer.spectral.state_dict()),
+              "optimizer": copy.deepcopy(trainer.optimizer.state_dict())}
+    bad = batch(1)
+    bad[0, 0, 5, 5] = math.nan
+    metrics = trainer.train_step(bad)
+    assert torch.is_tensor(metrics["skipped"]) and bool(metrics["skipped"])
+    assert int(metrics["skipped_total"]) == 1
+    after = {"model": trainer.model.state_dict(), "ema": trainer.ema.model.state_dict(),
+             "spectral": trainer.spectral.state_dict()}
+    for part, state in after.items():  # BatchNorm counts and power-iteration vectors included
+        for key, value in state.items():
+            assert torch.equal(value, before[part][key]), (part, key)
+    optimizer = trainer.optimizer.state_dict()
+    for s, t in zip(optimizer["state"].values(), before["optimizer"]["state"].values()):
+        for key in s:
+            assert torch.equal(torch.as_tensor(s[key]), torch.as_tensor(t[key])), key
+    assert not bool(trainer.train_step(batch(2))["skipped"])
+
+
+def _train_losses(cfg) -> dict[int, float]:
+    rows = [json.loads(l) for l in
+            (Path(cfg.out) / cfg.run_name / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def test_sync_free_runs_resume_exactly_and_share_checkpoints_with_eager_runs(
+        tmp_path, sync_free_on_cpu):
+    common = dict(max_steps=6, deterministic=True, checkpoint_every=1000, cuda_graphs=True,
+                  eval_batches=1)
+    straight = tiny(tmp_path / "a", **common)
+    train(straight, progress=False)
+    stopped = tiny(tmp_path / "b", **common)
+    assert train(stopped, progress=False, stop_at_step=3)["stopped"]
+    ckpt = Path(stopped.out) / stopped.run_name / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    assert all(float(s["step"]) == 3 for s in state["optimizer"]["state"].values())
+    train(stopped, progress=False, resume=ckpt)
+    a = load_checkpoint(Path(straight.out) / straight.run_name / "checkpoint.pt")
+    b = load_checkpoint(ckpt)
+    for part in ("model", "ema", "spectral", "grad_skip"):
+        for key in a[part]:
+            torch.testing.assert_close(b[part][key], a[part][key], rtol=0, atol=0,
+                                       equal_nan=True, msg=f"{part}.{key}")
+    assert _train_losses(straight) == _train_losses(stopped)
+    # the same checkpoint resumed by the eager step continues the same training
+    eager = Trainer(tiny(tmp_path / "b", **{**common, "cuda_graphs": False}), Runtime(),
+                    progress=False, resume=tmp_path / "b" / "runs" / stopped.run_name / "checkpoint.pt")
+    assert type(eager.train_step_fn) is TrainStep
+    assert all(s["step"].device.type == "cpu" for s in eager.optimizer.state.values())
+
+
+def test_cuda_graphs_on_the_cpu_fall_back_to_eager_steps_and_say_why(tmp_path, capsys):
+    trainer = Trainer(tiny(tmp_path, cuda_graphs=True), Runtime(), progress=False)
+    assert type(trainer.train_step_fn) is TrainStep
+    assert "--cuda_graphs: taking eager steps instead: CUDA graphs need a CUDA device" \
+        in capsys.readouterr().err
+    cuda = Runtime(device=torch.device("cuda", 0))
+    assert graph_blockers(tiny(tmp_path), cuda) == []
+    reasons = graph_blockers(tiny(tmp_path, activation_checkpointing=True),
+                             Runtime(rank=0, world_size=2, device=torch.device("cuda", 0)))
+    assert len(reasons) == 2 and "torchrun" in reasons[0] and "checkpointing" in reasons[1]
+
+
+# ------------------------------------------------- capture and replay bookkeeping
+class _StandInGraph:
+    """Stands in for a CUDA graph on the CPU.  A real capture runs nothing and its
+    replays run the recorded kernels on the same tensors; here the capture runs the
+    step once (so the first replay does nothing), and each later replay runs the
+    captured function again and writes its results into the capture's outputs."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out, self.replays = fn, out, 0
+
+    def replay(self):
+        self.replays += 1
+        if self.replays > 1:
+            fresh = self.fn()
+            for key, value in self.out.items():
+                if torch.is_tensor(value):
+                    value.copy_(fresh[key])
+
+
+def test_capture_replay_bookkeeping(tmp_path, sync_free_on_cpu, monkeypatch):
+    """Warm-up steps, one capture, replays on copied-in batches, a new capture when KL
+    balancing ends, eager steps for another batch shape: the same training as eager."""
+    graphs = []
+
+    def capture(fn, device):
+        out = fn()
+        graphs.append(_StandInGraph(fn, out))
+        return graphs[-1], out
+
+    monkeypatch.setattr(graphed_step, "capture_graph", capture)
+    monkeypatch.setattr(graphed_step, "side_stream", lambda device: contextlib.nullcontext())
+    eager, synced = pair(tmp_path, max_steps=12, kl_anneal_portion=0.5, kl_const_portion=0.0,
+                         learning_rate=2e-3)
+    switch = next(i for i in range(12) if not eager.schedule.balancing(i))  # balancing ends
+    assert 4 <= switch <= 8
+    synced.train_step_fn.capture = True  # as on a GPU
+    for i in range(12):
+        x = batch(i, 8 if i == 9 else 16)  # step 9: another batch shape runs eagerly
+        a, b = step_both(eager, synced, x, seed=200 + i)
+        torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-4, atol=1e-5, msg=f"step {i}")
+        torch.testing.assert_close(b["kl_weight"], torch.tensor(a["kl_weight"]), rtol=1e-6, atol=0)
+    step = synced.train_step_fn
+    assert step.captures == 2 and len(graphs) == 2
+    # steps 0-2 warm up; step 3 is captured and replayed until balancing ends; then one
+    # capture for the rest, whose replays skip step 9 (eager: another batch shape)
+    assert [g.replays for g in graphs] == [switch - 3, 12 - switch - 1]
+    assert_trainers_close(eager, synced, rtol=1e-4, atol=1e-5)
