@@ -3,7 +3,8 @@
 ``TrainStep(x, step)`` returns the batch's metrics as device tensors and reads
 nothing back from the device except the skip decision (one host sync per
 step, marked below).  Logging converts the metrics to numbers, and only on
-logging steps (``hvae.logger``).
+logging steps (``hvae.logger``).  ``hvae.graphed_step.SyncFreeStep`` decides on
+the device instead, so that the step can be captured in a CUDA graph.
 
 Gradient accumulation: ``x`` may be a list of micro-batches, all forwarded and
 back-propagated before the one update, with gradients weighted as for one batch

@@ -309,3 +309,17 @@ def test_capture_replay_bookkeeping(tmp_path, sync_free_on_cpu, monkeypatch):
     # capture for the rest, whose replays skip step 9 (eager: another batch shape)
     assert [g.replays for g in graphs] == [switch - 3, 12 - switch - 1]
     assert_trainers_close(eager, synced, rtol=1e-4, atol=1e-5)
+
+
+def test_check_script_compares_the_two_steps(tmp_path):
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts" / "check_cuda_graphs.py"), "--preset", "demo",
+         "--batch_size", "4", "--num_channels_enc", "8", "--num_channels_dec", "8",
+         "--steps", "2", "--warmup", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["ok"] and report["steps"] == 3 and report["captured"] is False
+    assert report["max_loss_rel_diff"] < 1e-5 and report["learning_rate"] == 2e-3
