@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -235,11 +236,11 @@ class SyncFreeStep(TrainStep):
         key = (values.balancing, values.regularise)
         if self._graph is not None and key != self._graph_key:
             self.drop_graph()  # the step's structure changed: capture it again
+        if eager or (self._graph is None and self._eager_steps < WARMUP_STEPS):
+            self._eager_steps += 1
+            with side_stream(self.runtime.device):
+                return self.device_step(micro, values, ema_weight)
         if self._graph is None:
-            if self._eager_steps < WARMUP_STEPS or eager:
-                self._eager_steps += 1
-                with side_stream(self.runtime.device):
-                    return self.device_step(micro, values, ema_weight)
             self._capture(micro, values, ema_weight, key)
             if self._graph is None:  # the capture failed and said why
                 return self.device_step(micro, values, ema_weight)
@@ -254,6 +255,7 @@ class SyncFreeStep(TrainStep):
                  key: tuple) -> None:
         """Capture one step on ``micro`` (its first replay does the step's work)."""
         self._static_in = [m.clone() for m in micro]
+        start = time.perf_counter()
         try:
             graph, out = capture_graph(
                 lambda: self.device_step(self._static_in, values, ema_weight), self.runtime.device)
@@ -268,6 +270,9 @@ class SyncFreeStep(TrainStep):
             return
         self._graph, self._graph_key, self._static_out = graph, key, out
         self.captures += 1
+        print(f"--cuda_graphs: training step captured in {time.perf_counter() - start:.1f} s "
+              f"(KL balancing {'on' if key[0] else 'off'}); replaying it from now on",
+              file=sys.stderr, flush=True)
 
 
 # The CUDA calls, apart so that the tests can stand in for them on the CPU.
