@@ -270,16 +270,20 @@ class TrainStep:
     def clear_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def update(self, loss: objectives.Loss, step: int, stop_requested: bool = False
-               ) -> tuple[torch.Tensor, bool, bool]:
-        """Clip, decide, then apply the gradients unless the update is skipped:
-        (gradient norm as a device tensor, skipped, stop agreed by every rank)."""
+    def clip_and_decide(self, loss: objectives.Loss) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscale and clip the gradients: (their norm, skip this update?), device tensors."""
         self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip > 0:
             norm = nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         else:
             norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        skip = self.skipper.decide(norm, loss.loss.detach())
+        return norm, self.skipper.decide(norm, loss.loss.detach())
+
+    def update(self, loss: objectives.Loss, step: int, stop_requested: bool = False
+               ) -> tuple[torch.Tensor, bool, bool]:
+        """Clip, decide, then apply the gradients unless the update is skipped:
+        (gradient norm as a device tensor, skipped, stop agreed by every rank)."""
+        norm, skip = self.clip_and_decide(loss)
         if self.runtime.distributed:  # every rank takes the same decisions
             flags = torch.stack([skip, torch.tensor(stop_requested, device=skip.device)]).int()
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)

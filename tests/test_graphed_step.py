@@ -250,6 +250,21 @@ def test_sync_free_runs_resume_exactly_and_share_checkpoints_with_eager_runs(
     assert all(s["step"].device.type == "cpu" for s in eager.optimizer.state.values())
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(num_nf=1), dict(res_dist=False), dict(kl_mc=True),
+    dict(dataset="cifar10", in_channels=3, image_size=32, binary=False, num_latent_scales=2)],
+    ids=["demo", "flows", "plain-posterior", "mc-kl", "logistic-mixture"])
+def test_every_parameter_gets_a_gradient(tmp_path, overrides):
+    """The sync-free step updates every parameter (its gradients are one preallocated
+    buffer), as torch's Adamax does those with a gradient: they must be the same set."""
+    trainer = Trainer(tiny(tmp_path, **overrides), Runtime(), progress=False,
+                      loaders=([torch.rand(4, overrides.get("in_channels", 1),
+                                           overrides.get("image_size", 28),
+                                           overrides.get("image_size", 28)).round()] * 2,) * 2)
+    trainer.train_step_fn.forward_backward(trainer.train_loader[0], 0)
+    assert [n for n, p in trainer.model.named_parameters() if p.grad is None] == []
+
+
 def test_cuda_graphs_on_the_cpu_fall_back_to_eager_steps_and_say_why(tmp_path, capsys):
     trainer = Trainer(tiny(tmp_path, cuda_graphs=True), Runtime(), progress=False)
     assert type(trainer.train_step_fn) is TrainStep
