@@ -74,6 +74,16 @@ def runtime_session(device: str | None = None) -> Iterator[Runtime]:
             dist.destroy_process_group()
 
 
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """Deterministic algorithms when asked for.  Otherwise, on CUDA, cuDNN autotuning:
+    training batches all have one shape (the loader drops the last, partial one), so
+    each convolution is timed once and its fastest algorithm kept."""
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+
+
 def autocast(device: torch.device, amp: str, cache_enabled: bool = True):
     """The autocast context of ``--amp`` (none, fp16, bf16) on ``device``.
 

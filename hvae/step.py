@@ -60,6 +60,15 @@ class EMA:
         torch._foreach_copy_(ema_buffers, buffers)
 
 
+def lower_median(values: torch.Tensor) -> torch.Tensor:
+    """The lower median of the non-NaN entries of a 1-d tensor (NaN if there are none),
+    computed on the device: a sort (NaN sorts last) and one gather, nothing a CUDA-graph
+    capture forbids.  Equal to ``torch.nanmedian``."""
+    ordered = values.sort().values
+    middle = ((~values.isnan()).sum() - 1).clamp_min(0) // 2
+    return ordered.gather(0, middle.view(1)).squeeze(0)
+
+
 class GradSkipper:
     """Decides, on the device, which updates to drop: non-finite losses or gradient
     norms always, outliers sometimes.
@@ -86,7 +95,7 @@ class GradSkipper:
         bad = ~(torch.isfinite(norm) & torch.isfinite(loss))
         if not self.enabled:
             return bad
-        outlier = ((norm > self.factor * torch.nanmedian(self.norms))
+        outlier = ((norm > self.factor * lower_median(self.norms))
                    & (self.accepted >= self.warmup) & (self.consecutive < self.patience))
         return bad | outlier
 

@@ -38,7 +38,8 @@ from hvae.logger import MetricsLogger
 from hvae.model import NVAE
 from hvae.model.compile import compile_model
 from hvae.model.remat import enable_activation_checkpointing
-from hvae.runtime import Interrupted, Runtime, StopSignals, init_runtime, runtime_session, seed_everything
+from hvae.runtime import (Interrupted, Runtime, StopSignals, configure_backends, init_runtime,
+                          runtime_session, seed_everything)
 from hvae.schedules import Schedule
 from hvae.step import EMA, GradSkipper, TrainStep
 
@@ -76,8 +77,7 @@ class Trainer:
         self.runtime = rt = runtime or init_runtime()
         self.progress = progress and rt.is_main
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.out) / cfg.run_name
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
+        configure_backends(rt.device, cfg.deterministic)
         seed_everything(cfg.seed)  # identical model and spectral vectors on every rank
         device = rt.device
 

@@ -338,3 +338,15 @@ def test_check_script_compares_the_two_steps(tmp_path):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["ok"] and report["steps"] == 3 and report["captured"] is False
     assert report["max_loss_rel_diff"] < 1e-5 and report["learning_rate"] == 2e-3
+
+
+def test_cudnn_autotunes_on_cuda_unless_deterministic(monkeypatch):
+    from hvae.runtime import configure_backends
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    configure_backends(torch.device("cpu"), deterministic=False)
+    assert torch.backends.cudnn.benchmark is False
+    configure_backends(torch.device("cuda", 0), deterministic=False)
+    assert torch.backends.cudnn.benchmark is True
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on: None)
+    configure_backends(torch.device("cuda", 0), deterministic=True)
+    assert torch.backends.cudnn.benchmark is False

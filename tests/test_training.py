@@ -224,6 +224,17 @@ def test_grad_skipper_cannot_stall_forever():
         torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
 
 
+def test_lower_median_is_nanmedian():
+    from hvae.step import lower_median
+    g = torch.Generator().manual_seed(0)
+    for n, valid in [(1, 0), (1, 1), (100, 0), (100, 1), (100, 2), (100, 37), (100, 100), (7, 4)]:
+        values = torch.full((n,), math.nan)
+        values[:valid] = torch.randn(valid, generator=g)
+        values = values[torch.randperm(n, generator=g)]
+        torch.testing.assert_close(lower_median(values), torch.nanmedian(values), equal_nan=True,
+                                   rtol=0, atol=0)
+
+
 def test_truncated_checkpoint_gives_a_clear_error_and_keeps_the_best(tmp_path):
     cfg = tiny(tmp_path, max_steps=2, checkpoint_every=1)
     train(cfg, progress=False)
