@@ -41,6 +41,7 @@ class Mutant:
 EV, MODEL, DIST = "tests/test_evaluation.py", "tests/test_model.py", "tests/test_distributions.py"
 OBJ = "tests/test_objectives.py"
 NVAE_REF = "tests/test_nvae_import.py"
+GRAPH = "tests/test_graphed_step.py"
 
 MUTANTS = [
     Mutant("flow_log_det_sign", "hvae/model/nvae.py",
@@ -141,6 +142,31 @@ MUTANTS = [
            [f"{EV}::test_readjusted_bn_statistics_are_sample_averages_and_sampling_uses_them",
             f"{EV}::test_readjust_bn_changes_stats_restores_mode_and_needs_no_data"],
            "BN re-adjustment keeps an exponential average, not the mean over batches"),
+    Mutant("graph_kl_weight_baked", "hvae/graphed_step.py",
+           "values = StepValues(lr, kl_weight, reg_lambda, host.balancing, host.regularise)",
+           "values = StepValues(lr, host.kl_weight, reg_lambda, host.balancing, host.regularise)",
+           [f"{GRAPH}::test_capture_replay_bookkeeping"],
+           "CUDA graphs: the KL weight enters the step as a host number, frozen at capture"),
+    Mutant("graph_adamax_count_rebound", "hvae/graphed_step.py",
+           "self.count.add_(keep)", "self.count = self.count + keep",
+           [f"{GRAPH}::test_capture_replay_bookkeeping"],
+           "CUDA graphs: Adamax's step count rebound, not updated in place (frozen under replay)"),
+    Mutant("graph_skipper_streak_rebound", "hvae/step.py",
+           "self.consecutive.copy_(torch.where(skip, self.consecutive + 1, 0))",
+           "self.consecutive = torch.where(skip, self.consecutive + 1, 0)",
+           [f"{GRAPH}::test_grad_skipper_state_advances_under_replay"],
+           "CUDA graphs: the skipper's streak of outliers rebound (frozen under replay)"),
+    Mutant("masked_adamax_no_bias_correction", "hvae/graphed_step.py",
+           "step_size = -lr * keep / (1 - beta1 ** self.count.clamp_min(1))",
+           "step_size = -lr * keep",
+           [f"{GRAPH}::test_masked_adamax_is_torchs_adamax_and_a_skip_changes_nothing",
+            f"{GRAPH}::test_sync_free_step_trains_as_the_eager_step"],
+           "sync-free Adamax without the bias correction"),
+    Mutant("skipped_gradients_leak", "hvae/graphed_step.py",
+           "        self._flat_grad.masked_fill_(skip, 0.0)  # a skipped update's gradients may be NaN\n",
+           "",
+           [f"{GRAPH}::test_a_skipped_sync_free_step_leaves_no_trace"],
+           "sync-free step: a skipped update's NaN gradients reach the Adamax moments"),
     Mutant("cli_nll_ignores_seed", "evaluate.py",
            "distributed=world > 1, seed=args.seed + rank))", "distributed=world > 1, seed=None))",
            [f"{EV}::test_cli_nll_subprocess_matches_the_library_for_the_same_seed"],

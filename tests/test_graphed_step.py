@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from hvae import graphed_step
 from hvae import training as training_module
@@ -278,33 +279,61 @@ def test_cuda_graphs_on_the_cpu_fall_back_to_eager_steps_and_say_why(tmp_path, c
 
 
 # ------------------------------------------------- capture and replay bookkeeping
-class _StandInGraph:
-    """Stands in for a CUDA graph on the CPU.  A real capture runs nothing and its
-    replays run the recorded kernels on the same tensors; here the capture runs the
-    step once (so the first replay does nothing), and each later replay runs the
-    captured function again and writes its results into the capture's outputs."""
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
 
-    def __init__(self, fn, out):
-        self.fn, self.out, self.replays = fn, out, 0
 
-    def replay(self):
+class _RecordedGraph(TorchDispatchMode):
+    """A CPU model of a CUDA graph, down to what a replay does not do.
+
+    Capture records every aten op the step dispatches, backward's included, with its
+    arguments: the same tensor objects, and Python numbers baked in as they were.  A
+    replay runs those ops again and writes each result into the tensor the capture
+    produced, as a graph's kernels write into its private memory.  No Python runs during
+    a replay: a value computed on the host, or a tensor that Python rebinds rather than
+    updates in place, stays as captured, exactly the bugs a real graph would have.
+    Capturing an op that reads the device from the host fails, as a real capture does.
+    Unlike a real capture, which runs nothing, this one runs the step, so the first
+    replay after it does nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+        self.replays = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ in _CaptureHazards.FORBIDDEN:
+            raise RuntimeError(f"operation not permitted when stream is capturing: {func}")
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+    def replay(self) -> None:
         self.replays += 1
-        if self.replays > 1:
-            fresh = self.fn()
-            for key, value in self.out.items():
-                if torch.is_tensor(value):
-                    value.copy_(fresh[key])
+        if self.replays == 1:
+            return
+        with torch._C._AutoDispatchBelowADInplaceOrView():  # kernels only, as recorded
+            for func, args, kwargs, out in self.ops:
+                fresh = func(*args, **kwargs)
+                for old, new in zip(tree_leaves(out), tree_leaves(fresh)):
+                    if torch.is_tensor(old) and not _same_memory(old, new):
+                        old.copy_(new)
 
 
 def test_capture_replay_bookkeeping(tmp_path, sync_free_on_cpu, monkeypatch):
     """Warm-up steps, one capture, replays on copied-in batches, a new capture when KL
-    balancing ends, eager steps for another batch shape: the same training as eager."""
+    balancing ends, eager steps for another batch shape: the same training as eager,
+    with replays that run only what was captured (``_RecordedGraph``)."""
     graphs = []
 
     def capture(fn, device):
-        out = fn()
-        graphs.append(_StandInGraph(fn, out))
-        return graphs[-1], out
+        graph = _RecordedGraph()
+        with graph:
+            out = fn()
+        graphs.append(graph)
+        return graph, out
 
     monkeypatch.setattr(graphed_step, "capture_graph", capture)
     monkeypatch.setattr(graphed_step, "side_stream", lambda device: contextlib.nullcontext())
@@ -317,7 +346,8 @@ def test_capture_replay_bookkeeping(tmp_path, sync_free_on_cpu, monkeypatch):
         x = batch(i, 8 if i == 9 else 16)  # step 9: another batch shape runs eagerly
         a, b = step_both(eager, synced, x, seed=200 + i)
         torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-4, atol=1e-5, msg=f"step {i}")
-        torch.testing.assert_close(b["kl_weight"], torch.tensor(a["kl_weight"]), rtol=1e-6, atol=0)
+        torch.testing.assert_close(torch.as_tensor(b["kl_weight"]), torch.tensor(a["kl_weight"]),
+                                   rtol=1e-6, atol=0)
     step = synced.train_step_fn
     assert step.captures == 2 and len(graphs) == 2
     # steps 0-2 warm up; step 3 is captured and replayed until balancing ends; then one
@@ -350,3 +380,31 @@ def test_cudnn_autotunes_on_cuda_unless_deterministic(monkeypatch):
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on: None)
     configure_backends(torch.device("cuda", 0), deterministic=True)
     assert torch.backends.cudnn.benchmark is False
+
+
+def test_grad_skipper_state_advances_under_replay():
+    """The skipper's history, counts and streak of outliers are updated in place, so a
+    captured decision keeps deciding as an eager one (the same norms, the same skips)."""
+    from hvae.step import GradSkipper
+    values = [1.0, 1.2, 0.9, 1000.0, 1000.0, 1000.0, 1.1, math.nan, 1.0, 500.0, 1.0]
+    eager = GradSkipper(factor=10, warmup=3, patience=2)
+    expected = []
+    for v in values:
+        skip = eager.decide(torch.tensor(v), torch.tensor(1.0))
+        eager.record(torch.tensor(v), skip)
+        expected.append(bool(skip))
+    captured = GradSkipper(factor=10, warmup=3, patience=2)
+    norm, loss = torch.tensor(values[0]), torch.tensor(1.0)
+    graph = _RecordedGraph()
+    with graph:
+        skip = captured.decide(norm, loss)
+        captured.record(norm, skip)
+    graph.replay()  # the capture ran the first decision
+    decisions = [bool(skip)]
+    for v in values[1:]:
+        norm.fill_(v)
+        graph.replay()
+        decisions.append(bool(skip))
+    assert decisions == expected and True in expected and expected.count(True) < 5
+    for a, b in zip(eager.state_dict().values(), captured.state_dict().values()):
+        torch.testing.assert_close(b, a, equal_nan=True, rtol=0, atol=0)
