@@ -295,12 +295,12 @@ class SyncFreeStep(TrainStep):
 
 # The CUDA calls, apart so that the tests can stand in for them on the CPU.
 def capture_graph(fn: Callable[[], dict], device: torch.device) -> tuple[torch.cuda.CUDAGraph, dict]:
-    """Capture ``fn()`` as a CUDA graph: (the graph, ``fn``'s outputs, which each replay rewrites)."""
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()  # the warm-up's cached blocks, for the graph's own pool
+    """Capture ``fn()`` as a CUDA graph: (the graph, ``fn``'s outputs, which each replay
+    rewrites).  ``torch.cuda.graph`` first synchronises and empties the allocator's cache,
+    so the warm-up's cached blocks go to the graph's own pool."""
     graph = torch.cuda.CUDAGraph()
     # thread_local: the DataLoader's pin-memory thread may call CUDA meanwhile
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
 
