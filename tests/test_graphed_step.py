@@ -44,11 +44,11 @@ def sync_free_on_cpu(monkeypatch):
     monkeypatch.setattr(training_module, "graph_blockers", lambda config, runtime: [])
 
 
-def pair(tmp_path, **overrides) -> tuple[Trainer, Trainer]:
+def pair(tmp_path, loaders=None, **overrides) -> tuple[Trainer, Trainer]:
     """An eager and a sync-free trainer from the same initial weights."""
     cfg = tiny(tmp_path, **overrides)
-    eager = Trainer(cfg, Runtime(), progress=False)
-    synced = Trainer(cfg.replace(cuda_graphs=True), Runtime(), progress=False)
+    eager = Trainer(cfg, Runtime(), progress=False, loaders=loaders)
+    synced = Trainer(cfg.replace(cuda_graphs=True), Runtime(), progress=False, loaders=loaders)
     synced.model.load_state_dict(eager.model.state_dict())
     synced.ema.model.load_state_dict(eager.ema.model.state_dict())
     assert type(eager.train_step_fn) is TrainStep and type(synced.train_step_fn) is SyncFreeStep
@@ -134,17 +134,22 @@ def test_a_skipped_first_update_leaves_fresh_parameters_untouched():
     dict(amp="bf16"),
     dict(grad_accum_steps=2, batch_size=8, grad_clip=0.0),
     dict(amp="fp16"),
-], ids=["fp32", "bf16", "accumulation", "fp16-scaler"])
+    dict(num_nf=1, dataset="cifar10", in_channels=3, image_size=32, binary=False,
+         num_latent_scales=2, channels_last=False),
+], ids=["fp32", "bf16", "accumulation", "fp16-scaler", "rgb-logistic-mixture-flows"])
 def test_sync_free_step_trains_as_the_eager_step(tmp_path, sync_free_on_cpu, overrides):
     # a small learning rate: the two Adamax roundings differ in the last bit, and a large
     # one amplifies that into visible differences within a few steps (bf16 most)
-    eager, synced = pair(tmp_path, learning_rate=2e-3, **overrides)
+    rgb = overrides.get("in_channels") == 3
+    loaders = (([torch.rand(2, 16, 3, 32, 32).round(decimals=2)[i] for i in range(2)],) * 2
+               if rgb else None)
+    eager, synced = pair(tmp_path, learning_rate=2e-3, loaders=loaders, **overrides)
     n, taken = eager.config.batch_size, 0
     half = eager.config.amp != "none"
     tolerance = dict(rtol=1e-3, atol=1e-3) if half else dict(rtol=1e-4, atol=1e-5)
     # fp16: the loss scale starts at 2^16 and halves at each overflow before updates begin
     for i in range(14 if eager.config.amp == "fp16" else 6):
-        x = batch(i, 16)
+        x = eager.train_loader[i % 2] if rgb else batch(i, 16)
         x = x if eager.accum == 1 else [x[:n], x[n:]]
         a, b = step_both(eager, synced, x, seed=100 + i)
         assert bool(a["skipped"]) == bool(b["skipped"])  # fp16: overflows at the first scales
