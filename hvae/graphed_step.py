@@ -248,6 +248,15 @@ class SyncFreeStep(TrainStep):
         """Forget the captured graph (a loaded state replaces the tensors it wrote)."""
         self._graph = self._graph_key = self._static_in = self._static_out = None
 
+    def release_graph(self) -> None:
+        """Give the captured graph's memory back, before evaluation: a graph keeps the
+        step's activations in its own pool, which evaluation could not use.  The next
+        step captures again (no warm-up: a second or so)."""
+        if self._graph is not None:
+            self.drop_graph()
+            if self.runtime.device.type == "cuda":
+                torch.cuda.empty_cache()
+
     def _replayed(self, micro: list[torch.Tensor], values: StepValues,
                   ema_weight: torch.Tensor, eager: bool = False) -> dict:
         """The step by graph replay; eager on a side stream while warming up or ``eager``."""

@@ -290,8 +290,13 @@ class Trainer:
         """Validate, keep the best checkpoint, write images; at the end also the IW NLL.
 
         Runs at a step boundary (the epoch complete, not yet advanced), so a stop
-        during it saves that state and a resumed run repeats the evaluation.
+        during it saves that state and a resumed run repeats the evaluation.  A
+        captured training step gives its graph's memory back first (``--cuda_graphs``):
+        evaluation then has what it has after eager steps.
         """
+        release = getattr(self.train_step_fn, "release_graph", None)
+        if release is not None:
+            release()
         try:
             return self._evaluate_and_save(final)
         except Interrupted:

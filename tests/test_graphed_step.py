@@ -367,6 +367,45 @@ def test_capture_replay_bookkeeping(tmp_path, sync_free_on_cpu, monkeypatch, ove
                           atol=5e-4 if eager.config.amp != "none" else 1e-5)
 
 
+def test_evaluation_releases_the_graph_and_training_captures_again(
+        tmp_path, sync_free_on_cpu, monkeypatch):
+    """fit() with a graph that replays what it captured: each evaluation gives the graph
+    back (its memory is evaluation's), the next step captures again without warm-up,
+    and the run ends where an eager run ends."""
+    captured = []
+
+    def capture(fn, device):
+        graph = _RecordedGraph()
+        with graph:
+            out = fn()
+        captured.append(graph)
+        return graph, out
+
+    monkeypatch.setattr(graphed_step, "capture_graph", capture)
+    monkeypatch.setattr(graphed_step, "side_stream", lambda device: contextlib.nullcontext())
+    images = torch.cat([batch(i) for i in range(3)])  # 3 steps per epoch, an evaluation after each
+    batches = torch.utils.data.DataLoader(images, batch_size=16, drop_last=True)
+    common = dict(max_steps=9, kl_anneal_portion=0.0, learning_rate=2e-3, eval_batches=1,
+                  checkpoint_every=1000)
+    eager = Trainer(tiny(tmp_path / "a", **common), Runtime(), progress=False,
+                    loaders=(batches, batches))
+    graphed = Trainer(tiny(tmp_path / "b", cuda_graphs=True, **common), Runtime(),
+                      progress=False, loaders=(batches, batches))
+    graphed.model.load_state_dict(eager.model.state_dict())
+    graphed.ema.model.load_state_dict(eager.ema.model.state_dict())
+    graphed.train_step_fn.capture = True  # as on a GPU
+    torch.manual_seed(5)
+    a = eager.fit()
+    torch.manual_seed(5)
+    b = graphed.fit()
+    # steps 0-2 warm up; evaluations after steps 3 and 6 release the graph; captures at
+    # steps 3 and 6, replayed on 4-5 and on 7-8 (the first replay runs nothing)
+    assert graphed.train_step_fn.captures == 2 and [g.replays for g in captured] == [3, 3]
+    assert graphed.train_step_fn._graph is None  # the final evaluation released it too
+    torch.testing.assert_close(b["test_nelbo"], a["test_nelbo"], rtol=1e-4, atol=0)
+    assert_trainers_close(eager, graphed, rtol=1e-4, atol=1e-5)
+
+
 def test_check_script_compares_the_two_steps(tmp_path):
     import subprocess
     import sys
