@@ -509,3 +509,25 @@ def test_a_captured_step_skips_a_nan_batch_without_a_trace_on_a_gpu(tmp_path):
     for key, value in graphed.ema.model.state_dict().items():
         assert torch.equal(value, ema_before[key]), key
     assert not bool(graphed.train_step(batch(7).cuda())["skipped"])
+
+
+def test_step_counts_loaded_onto_a_gpu_go_back_to_the_cpu():
+    """torch's foreach Adamax reads each step count on the host: counts left on a GPU by
+    ``map_location`` would cost one sync per parameter per step."""
+    from hvae.step import step_counts_on_host
+
+    class SaysGpu(torch.Tensor):  # a CPU tensor that reports a CUDA device
+        __torch_function__ = torch._C._disabled_torch_function_impl
+
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    p = torch.zeros(3, requires_grad=True)
+    optimizer = torch.optim.Adamax([p])
+    p.grad = torch.ones(3)
+    optimizer.step()
+    optimizer.state[p]["step"] = torch.Tensor._make_subclass(SaysGpu, torch.tensor(5.0).double())
+    step_counts_on_host(optimizer)
+    step = optimizer.state[p]["step"]
+    assert type(step) is torch.Tensor and step.dtype == torch.float32 and float(step) == 5.0
