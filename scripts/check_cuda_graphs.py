@@ -13,6 +13,8 @@ script prints one JSON line with:
 - the largest weight difference at the end;
 - the skipped steps of each;
 - the median ms per step of each, after ``--warmup`` steps;
+- on CUDA, the peak memory each one's steps allocated above what was resident
+  (the graphed step's gradient buffer, the size of the weights, is resident before);
 - the number of captures.
 
 ``ok`` is false, and the exit status 1, when the losses differ by more than
@@ -44,9 +46,14 @@ from bench import synthetic_batches  # noqa: E402  (scripts/ is on the path when
 
 
 def timed_steps(trainer: Trainer, batches: list, seeds: list[int], device: torch.device
-                ) -> tuple[list[float], list[float], int]:
-    """Losses, seconds per step and skipped steps of one trainer over the batches."""
+                ) -> tuple[list[float], list[float], int, float | None]:
+    """Losses, seconds per step, skipped steps, and on CUDA the peak memory (GiB) the
+    steps allocated above what was resident before them, of one trainer."""
     losses, seconds, skipped = [], [], 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
     for i, seed in enumerate(seeds):
         torch.manual_seed(seed)
         if device.type == "cuda":
@@ -58,7 +65,10 @@ def timed_steps(trainer: Trainer, batches: list, seeds: list[int], device: torch
         seconds.append(time.perf_counter() - start)
         losses.append(float(metrics["loss"]))  # outside the timed span
         skipped += bool(metrics["skipped"])
-    return losses, seconds, skipped
+    peak = None
+    if device.type == "cuda":
+        peak = round((torch.cuda.max_memory_allocated(device) - resident) / 2**30, 3)
+    return losses, seconds, skipped, peak
 
 
 @cli.entry_point("check_cuda_graphs.py")
@@ -89,8 +99,8 @@ def main(argv=None) -> int:
         graphed.spectral, graphed.ema, graphed.skipper, graphed.scaler,
         capture=device.type == "cuda")
     seeds = [1000 + i for i in range(args.warmup + args.steps)]
-    loss_a, time_a, skip_a = timed_steps(eager, batches, seeds, device)
-    loss_b, time_b, skip_b = timed_steps(graphed, batches, seeds, device)
+    loss_a, time_a, skip_a, peak_a = timed_steps(eager, batches, seeds, device)
+    loss_b, time_b, skip_b, peak_b = timed_steps(graphed, batches, seeds, device)
     rel = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(loss_a, loss_b))
     weights = max((p - q).abs().max().item()
                   for p, q in zip(eager.model.parameters(), graphed.model.parameters()))
@@ -104,6 +114,7 @@ def main(argv=None) -> int:
         "max_loss_rel_diff": rel, "max_weight_abs_diff": weights,
         "skipped_eager": skip_a, "skipped_graphed": skip_b,
         "eager_ms_per_step": ms(time_a), "graphed_ms_per_step": ms(time_b),
+        "eager_step_peak_gib": peak_a, "graphed_step_peak_gib": peak_b,
         "speedup": round(ms(time_a) / max(ms(time_b), 1e-9), 2), "ok": ok}))
     return 0 if ok else 1
 
