@@ -327,12 +327,9 @@ class _RecordedGraph(TorchDispatchMode):
                         old.copy_(new)
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(grad_accum_steps=2, batch_size=8),
-                                       dict(amp="bf16")], ids=["fp32", "accumulation", "bf16"])
-def test_capture_replay_bookkeeping(tmp_path, sync_free_on_cpu, monkeypatch, overrides):
-    """Warm-up steps, one capture, replays on copied-in batches, a new capture when KL
-    balancing ends, eager steps for another batch shape: the same training as eager,
-    with replays that run only what was captured (``_RecordedGraph``)."""
+@pytest.fixture
+def recorded_graphs(monkeypatch) -> list[_RecordedGraph]:
+    """Captures become ``_RecordedGraph``s (listed here, in order); no side streams."""
     graphs = []
 
     def capture(fn, device):
@@ -344,6 +341,16 @@ def test_capture_replay_bookkeeping(tmp_path, sync_free_on_cpu, monkeypatch, ove
 
     monkeypatch.setattr(graphed_step, "capture_graph", capture)
     monkeypatch.setattr(graphed_step, "side_stream", lambda device: contextlib.nullcontext())
+    return graphs
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(grad_accum_steps=2, batch_size=8),
+                                       dict(amp="bf16")], ids=["fp32", "accumulation", "bf16"])
+def test_capture_replay_bookkeeping(tmp_path, sync_free_on_cpu, recorded_graphs, overrides):
+    """Warm-up steps, one capture, replays on copied-in batches, a new capture when KL
+    balancing ends, eager steps for another batch shape: the same training as eager,
+    with replays that run only what was captured (``_RecordedGraph``)."""
+    graphs = recorded_graphs
     eager, synced = pair(tmp_path, max_steps=12, kl_anneal_portion=0.5, kl_const_portion=0.0,
                          learning_rate=2e-3, **overrides)
     tolerance = dict(rtol=1e-3, atol=1e-3) if eager.config.amp != "none" else dict(rtol=1e-4,
@@ -368,21 +375,11 @@ def test_capture_replay_bookkeeping(tmp_path, sync_free_on_cpu, monkeypatch, ove
 
 
 def test_evaluation_releases_the_graph_and_training_captures_again(
-        tmp_path, sync_free_on_cpu, monkeypatch):
+        tmp_path, sync_free_on_cpu, recorded_graphs):
     """fit() with a graph that replays what it captured: each evaluation gives the graph
     back (its memory is evaluation's), the next step captures again without warm-up,
     and the run ends where an eager run ends."""
-    captured = []
-
-    def capture(fn, device):
-        graph = _RecordedGraph()
-        with graph:
-            out = fn()
-        captured.append(graph)
-        return graph, out
-
-    monkeypatch.setattr(graphed_step, "capture_graph", capture)
-    monkeypatch.setattr(graphed_step, "side_stream", lambda device: contextlib.nullcontext())
+    captured = recorded_graphs
     images = torch.cat([batch(i) for i in range(3)])  # 3 steps per epoch, an evaluation after each
     batches = torch.utils.data.DataLoader(images, batch_size=16, drop_last=True)
     common = dict(max_steps=9, kl_anneal_portion=0.0, learning_rate=2e-3, eval_batches=1,
