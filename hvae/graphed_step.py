@@ -181,7 +181,7 @@ class SyncFreeStep(TrainStep):
             slot.fill_(value)  # a kernel argument, not a copy: no sync
         lr, kl_weight, reg_lambda, ema_weight = self._scalars.unbind()
         values = StepValues(lr, kl_weight, reg_lambda, host.balancing, host.regularise)
-        micro = [self._on_device(m) for m in (x if isinstance(x, (list, tuple)) else [x])]
+        micro = [self.on_device(m) for m in (x if isinstance(x, (list, tuple)) else [x])]
         settling = host.regularise and not self.spectral.settled
         if self.capture:
             metrics = self._replayed(micro, values, ema_weight, eager=settling)
@@ -194,10 +194,6 @@ class SyncFreeStep(TrainStep):
         if callable(stop_requested):
             stop_requested = stop_requested()
         return {**metrics, "stop": bool(stop_requested)}
-
-    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.runtime.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
     def _flat_gradients(self) -> torch.Tensor:
         """One buffer for all gradients, each parameter's ``.grad`` a view of it in the
@@ -219,12 +215,12 @@ class SyncFreeStep(TrainStep):
         """Zero the gradients in place: a captured graph keeps their addresses."""
         self._flat_grad.zero_()
 
-    def clip_and_decide(self, loss) -> tuple[torch.Tensor, torch.Tensor]:
-        self.scaler.unscale_(self.optimizer)
+    def clip_gradients(self) -> torch.Tensor:
+        """As ``clip_grad_norm_`` (scale by max_norm / norm, at most 1), on the flat buffer."""
         norm = torch.linalg.vector_norm(self._flat_grad)
-        if self.config.grad_clip > 0:  # as clip_grad_norm_: scale by max_norm / norm, at most 1
+        if self.config.grad_clip > 0:
             self._flat_grad.mul_((self.config.grad_clip / (norm + 1e-6)).clamp_max(1.0))
-        return norm, self.skipper.decide(norm, loss.loss.detach())
+        return norm
 
     def device_step(self, micro: list[torch.Tensor], values: StepValues,
                     ema_weight: torch.Tensor) -> dict:

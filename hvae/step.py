@@ -243,9 +243,7 @@ class TrainStep:
         weights only: once per update)."""
         cfg = self.config
         values = step if isinstance(step, StepValues) else StepValues.at(self.schedule, step)
-        x = x.to(self.runtime.device, non_blocking=True)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.on_device(x)
         if first:
             torch._foreach_copy_(self._forward_backup, self._forward_state)
         self.model.train()
@@ -276,16 +274,28 @@ class TrainStep:
         self.scaler.scale(total).backward()
         return loss, {k: v.detach() if torch.is_tensor(v) else v for k, v in terms.items()}
 
+    def on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch on the run's device, in the model's memory layout."""
+        x = x.to(self.runtime.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
+
     def clear_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def release_graph(self) -> None:
+        """Nothing to give back before evaluation: an eager step holds no captured graph
+        (``SyncFreeStep`` does)."""
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the (unscaled) gradients to ``grad_clip``; their norm before clipping."""
+        if self.config.grad_clip > 0:
+            return nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        return nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
 
     def clip_and_decide(self, loss: objectives.Loss) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscale and clip the gradients: (their norm, skip this update?), device tensors."""
         self.scaler.unscale_(self.optimizer)
-        if self.config.grad_clip > 0:
-            norm = nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
-        else:
-            norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        norm = self.clip_gradients()
         return norm, self.skipper.decide(norm, loss.loss.detach())
 
     def update(self, loss: objectives.Loss, step: int, stop_requested: bool = False

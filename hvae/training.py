@@ -294,9 +294,7 @@ class Trainer:
         captured training step gives its graph's memory back first (``--cuda_graphs``):
         evaluation then has what it has after eager steps.
         """
-        release = getattr(self.train_step_fn, "release_graph", None)
-        if release is not None:
-            release()
+        self.train_step_fn.release_graph()
         try:
             return self._evaluate_and_save(final)
         except Interrupted:
