@@ -23,19 +23,16 @@ from hvae.runtime import Runtime
 from hvae.step import TrainStep
 from hvae.training import Trainer, train
 
-TINY = dict(num_channels_enc=8, num_channels_dec=8, num_groups_per_scale=2,
-            num_latent_per_group=4, num_preprocess_cells=1, num_postprocess_cells=1,
-            batch_size=16, num_iw_samples=2, eval_batches=2, log_every=1, warmup_epochs=0,
-            ema_decay=0.9)
+from test_training import TINY, bernoulli_batch
 
 
 def tiny(tmp_path, **overrides):
-    return preset("demo", out=str(tmp_path / "runs"), **{**TINY, **overrides})
+    """test_training's tiny demo model, with an EMA (the sync-free step updates it)."""
+    return preset("demo", out=str(tmp_path / "runs"), **{**TINY, "ema_decay": 0.9, **overrides})
 
 
 def batch(seed: int, n: int = 16) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(torch.full((n, 1, 28, 28), 0.2), generator=g)
+    return bernoulli_batch(n, seed)
 
 
 @pytest.fixture
