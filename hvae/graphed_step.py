@@ -39,12 +39,14 @@ import time
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 
 from hvae.config import Config
 from hvae.runtime import Runtime
 from hvae.step import StepValues, TrainStep
 
 WARMUP_STEPS = 3  # eager steps before the first capture (PyTorch's advice: a few, on a side stream)
+DDP_WARMUP_STEPS = 11  # under DDP: PyTorch's CUDA notes ask for at least 11 before a capture
 
 
 def graph_blockers(config: Config, runtime: Runtime) -> list[str]:
@@ -52,9 +54,6 @@ def graph_blockers(config: Config, runtime: Runtime) -> list[str]:
     reasons = []
     if runtime.device.type != "cuda":
         reasons.append(f"CUDA graphs need a CUDA device, and this run is on {runtime.device.type}")
-    if runtime.distributed:
-        reasons.append("under torchrun all ranks must agree at every step whether a signal "
-                       "asked them to stop, and that agreement is a host read")
     if config.activation_checkpointing:
         reasons.append("activation checkpointing saves and restores the CUDA RNG state on "
                        "the host in every checkpointed region")
@@ -150,8 +149,13 @@ class SyncFreeStep(TrainStep):
     """``TrainStep`` with the skip decided on the device: no host read in the step.
 
     ``capture``: capture the step in a CUDA graph and replay it (CUDA only).
-    The metrics' ``skipped`` is a device tensor here.  ``stop`` is the host's own
-    flag: the step runs in a single process (``graph_blockers``).
+    The metrics' ``skipped`` is a device tensor here.
+
+    Under DDP the ranks agree on the skip on the device (an all-reduce inside the
+    step, captured with it), and on stopping after a signal with one host read per
+    step, outside the graph: the agreement waits for the step to finish, and with
+    a replayed step the GPU then idles only while the host launches the next
+    replay (a few host ops), not while it dispatches thousands of kernels.
     """
 
     def __init__(self, *args, capture: bool = False, **kwargs):
@@ -159,8 +163,6 @@ class SyncFreeStep(TrainStep):
         device = self.runtime.device
         if capture and device.type != "cuda":
             raise ValueError(f"CUDA-graph capture needs a CUDA device, not {device}")
-        if self.runtime.distributed:
-            raise ValueError("the sync-free step runs in one process (see graph_blockers)")
         self.adamax = MaskedAdamax(self.optimizer, device)
         self.optimizer.register_load_state_dict_post_hook(lambda opt: self.drop_graph())
         self._scalars = torch.zeros(4, device=device)  # lr, KL weight, reg lambda, EMA weight
@@ -193,7 +195,24 @@ class SyncFreeStep(TrainStep):
             self.spectral.forget_host_flag()
         if callable(stop_requested):
             stop_requested = stop_requested()
-        return {**metrics, "stop": bool(stop_requested)}
+        return {**metrics, "stop": self.agree_on_stop(bool(stop_requested))}
+
+    def agree_on_stop(self, requested: bool) -> bool:
+        """Whether any rank was asked to stop (this rank's own flag outside DDP)."""
+        if not self.runtime.distributed:
+            return requested
+        flag = torch.tensor(int(requested), device=self.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)  # HOST SYNC under DDP: the step's only one, outside any graph
+
+    def agree_on_skip(self, skip: torch.Tensor) -> torch.Tensor:
+        """Skip where any rank decided to (an all-reduce on the device, no host read).
+        The gradient norm is the same on every rank, but the loss checked for NaN is not."""
+        if not self.runtime.distributed:
+            return skip
+        flag = skip.to(torch.int32)  # collectives do not reduce bools
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag > 0
 
     def _flat_gradients(self) -> torch.Tensor:
         """One buffer for all gradients, each parameter's ``.grad`` a view of it in the
@@ -227,6 +246,7 @@ class SyncFreeStep(TrainStep):
         """Forward, backward, decision and masked update, all on the device."""
         loss, reg = self.forward_backward_all(micro, values)
         norm, skip = self.clip_and_decide(loss)
+        skip = self.agree_on_skip(skip)
         self.skipper.record(norm, skip)
         for state, saved in zip(self._forward_state, self._forward_backup):
             torch.where(skip, saved, state, out=state)  # a skipped update leaves no trace
@@ -259,7 +279,8 @@ class SyncFreeStep(TrainStep):
         key = (values.balancing, values.regularise)
         if self._graph is not None and key != self._graph_key:
             self.drop_graph()  # the step's structure changed: capture it again
-        if eager or (self._graph is None and self._eager_steps < WARMUP_STEPS):
+        warmup = DDP_WARMUP_STEPS if self.runtime.distributed else WARMUP_STEPS
+        if eager or (self._graph is None and self._eager_steps < warmup):
             self._eager_steps += 1
             with side_stream(self.runtime.device):
                 return self.device_step(micro, values, ema_weight)
@@ -276,15 +297,24 @@ class SyncFreeStep(TrainStep):
 
     def _capture(self, micro: list[torch.Tensor], values: StepValues, ema_weight: torch.Tensor,
                  key: tuple) -> None:
-        """Capture one step on ``micro`` (its first replay does the step's work)."""
+        """Capture one step on ``micro`` (its first replay does the step's work).  Under
+        DDP every rank replays its graph, or none does: a graph's all-reduces pair up
+        with the other ranks' only if those are captured too (NCCL's rule)."""
         self._static_in = [m.clone() for m in micro]
         start = time.perf_counter()
+        error = None
         try:
             graph, out = capture_graph(
                 lambda: self.device_step(self._static_in, values, ema_weight), self.runtime.device)
         except RuntimeError as err:
-            first_line = next((l for l in str(err).splitlines() if l.strip()), type(err).__name__)
-            print(f"--cuda_graphs: capturing the step failed ({first_line}); continuing with "
+            error = next((l for l in str(err).splitlines() if l.strip()), type(err).__name__)
+        if self.runtime.distributed:
+            failed = torch.tensor(int(error is not None), device=self.runtime.device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if bool(failed) and error is None:  # HOST SYNC: once per capture
+                error = "another rank could not capture its step"
+        if error is not None:
+            print(f"--cuda_graphs: capturing the step failed ({error}); continuing with "
                   "the same step uncaptured", file=sys.stderr, flush=True)
             self.capture = False
             self.autocast_cache = True
@@ -293,9 +323,10 @@ class SyncFreeStep(TrainStep):
             return
         self._graph, self._graph_key, self._static_out = graph, key, out
         self.captures += 1
-        print(f"--cuda_graphs: training step captured in {time.perf_counter() - start:.1f} s "
-              f"(KL balancing {'on' if key[0] else 'off'}); replaying it from now on",
-              file=sys.stderr, flush=True)
+        if self.runtime.is_main:
+            print(f"--cuda_graphs: training step captured in {time.perf_counter() - start:.1f} s "
+                  f"(KL balancing {'on' if key[0] else 'off'}); replaying it from now on",
+                  file=sys.stderr, flush=True)
 
 
 # The CUDA calls, apart so that the tests can stand in for them on the CPU.
@@ -313,7 +344,11 @@ def capture_graph(fn: Callable[[], dict], device: torch.device) -> tuple[torch.c
 @contextlib.contextmanager
 def side_stream(device: torch.device) -> Iterator[None]:
     """Run the block on a fresh stream, ordered after and before the current one's work
-    (warm-up steps before a capture, as PyTorch's CUDA-graph notes advise)."""
+    (warm-up steps before a capture, as PyTorch's CUDA-graph notes advise).  Other
+    devices have no streams: the block runs as it is."""
+    if device.type != "cuda":
+        yield
+        return
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):

@@ -14,6 +14,7 @@ so a resumed run continues bit-for-bit (with ``num_workers=0`` and
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from hvae import objectives
 from hvae.checkpoint import Checkpointer
 from hvae.config import Config, ConfigError
 from hvae.errors import HvaeError
-from hvae.graphed_step import SyncFreeStep, graph_blockers
+from hvae.graphed_step import SyncFreeStep, graph_blockers, side_stream
 from hvae.logger import MetricsLogger
 from hvae.model import NVAE
 from hvae.model.compile import compile_model
@@ -102,8 +103,14 @@ class Trainer:
                 raise ValueError("sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.spectral = objectives.SpectralRegularizer(self.model, cfg.num_power_iter).to(device)
-        net = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-               if rt.distributed else self.model)
+        net = self.model
+        if rt.distributed:
+            # a captured backward holds DDP's all-reduces: PyTorch's CUDA notes ask for DDP
+            # to be built on a side stream then
+            graphed = cfg.cuda_graphs and not graph_blockers(cfg, rt)
+            with side_stream(device) if graphed else contextlib.nullcontext():
+                net = DistributedDataParallel(
+                    self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.Adamax(self.model.parameters(), lr=cfg.learning_rate,
                                             weight_decay=cfg.weight_decay, eps=cfg.adamax_eps,
                                             foreach=True)
