@@ -25,8 +25,10 @@ thousands of launches.  A change in the step's structure makes a new capture:
 KL balancing switching off at the end of the KL warm-up, or the regulariser's
 weight reaching 0.  A batch of another shape runs eagerly.  ``graph_blockers``
 lists the features a capture cannot hold; with any of them the run takes
-``TrainStep``'s eager steps and says why.  On the CPU the same step runs
-without capture, and the tests compare it with ``TrainStep``.
+``TrainStep``'s eager steps and says why.  Under DDP the ranks agree on the
+skip inside the step and on a stop outside it, warm up for 11 steps, and replay
+only if every rank captured.  On the CPU the same step runs without capture,
+and the tests compare it with ``TrainStep``.
 
 The step's metrics are the graph's output tensors, rewritten by the next
 replay: read them (``hvae.logger``) before the next step.

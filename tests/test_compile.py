@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 from hvae.config import ConfigError, preset
 from hvae.model import NVAE
+from hvae import training as training_module
 from hvae.model import compile as hcompile
 from hvae.objectives import compute_loss
 from hvae.runtime import Runtime
@@ -113,15 +114,19 @@ def test_regional_bf16_autocast_matches_eager():
     assert grads_c.keys() == grads_e.keys()
 
 
-def test_training_steps_do_not_recompile(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager_step", "sync_free_step"])
+def test_training_steps_do_not_recompile(tmp_path, monkeypatch, cuda_graphs):
     """Five real training steps (changing KL weight, balancing, learning rate) through
-    the Trainer: after the first, nothing compiles again."""
+    the Trainer: after the first, nothing compiles again; also in the sync-free step of
+    ``--cuda_graphs`` (uncaptured on the CPU), whose schedules are device scalars."""
     monkeypatch.setattr(hcompile, "BACKEND", BACKEND)
-    cfg = preset("cifar10", **TINY_CIFAR, compile="regional", epochs=1,
+    monkeypatch.setattr(training_module, "graph_blockers", lambda config, runtime: [])
+    cfg = preset("cifar10", **TINY_CIFAR, compile="regional", epochs=1, cuda_graphs=cuda_graphs,
                  kl_anneal_portion=0.9, warmup_epochs=0.5, ema_decay=0.9)
     data = [batch(cfg, seed) for seed in range(5)]
     trainer = Trainer(cfg, Runtime(), progress=False, run_dir=tmp_path, loaders=(data, data[:1]))
     assert trainer.total_steps == 5
+    assert type(trainer.train_step_fn).__name__ == ("SyncFreeStep" if cuda_graphs else "TrainStep")
     trainer.train_step(data[0])
     first = graphs()
     weights = set()
