@@ -35,7 +35,8 @@ the run made (1, or 2 when the KL balancing ended during the timed steps).
 ``--op-report N`` adds the N most frequent ops of the counted step;
 ``--compile MODE`` is the Config field (none, regional, full): ``first_step_s``
 is then mostly compile time (``--backend aot_eager`` traces without generating
-code); ``--explain`` adds graph and graph-break counts of the model's forward
+code), ``compiled_graphs`` what the first step compiled and
+``recompiles_after_first_step`` what every later step added (0: none); ``--explain`` adds graph and graph-break counts of the model's forward
 from ``torch._dynamo.explain`` (and, with ``regional``, of each compiled region
 kind).  The op counter is a dispatch mode, under which dynamo runs compiled
 regions eagerly, so it counts eager ops in every mode; ``--kernels`` counts
@@ -54,6 +55,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters as dynamo_counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -334,13 +336,14 @@ def main(argv=None) -> int:
 
     # one step's micro-batches (--grad_accum_steps)
     micro = [[batches[(i + k) % 2] for k in range(config.grad_accum_steps)] for i in range(2)]
-    times = []
+    times, graphs = [], []  # graphs: dynamo's count of compiled graphs after each step
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
         trainer.train_step(micro[i % 2])
         sync()
         times.append(time.perf_counter() - t0)
+        graphs.append(dynamo_counters["stats"]["unique_graphs"])
     step_s = statistics.median(times[args.warmup:] or times)
     counter = OpCounter()
     with counter:
@@ -372,6 +375,9 @@ def main(argv=None) -> int:
               f"sample_{args.num_samples}_s": round(sample_s, 3),
               "aten_ops_per_step": counter.ops, "host_syncs_per_step": counter.syncs,
               "host_sync_sites": dict(counter.sync_sites)}
+    if config.compile != "none":  # every step after the first reuses what it compiled
+        report["compiled_graphs"] = graphs[0]
+        report["recompiles_after_first_step"] = graphs[-1] - graphs[0]
     if busy is not None:
         report["gpu_busy_fraction"] = round(busy, 3)
     if kernels is not None:

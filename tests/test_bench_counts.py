@@ -37,6 +37,18 @@ def test_bench_reports_one_host_sync_per_step(bench, capsys, tmp_path):
     assert "gpu_busy_fraction" not in report   # CUDA only
 
 
+def test_bench_reports_what_the_first_step_compiled_and_that_later_steps_add_nothing(
+        bench, capsys):
+    """``--compile``: the graphs the first step compiled, and the recompiles of the later
+    ones (the KL weight changes every step, and enters no compiled region)."""
+    assert bench.main(["--preset", "demo", "--batch_size", "2", "--num_channels_enc", "8",
+                       "--num_channels_dec", "8", "--steps", "4", "--warmup", "0",
+                       "--num-samples", "2", "--device", "cpu", "--compile", "regional",
+                       "--backend", "aot_eager"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["compiled_graphs"] > 0 and report["recompiles_after_first_step"] == 0
+
+
 def run_table(tmp_path, *extra):
     import subprocess
     import sys
