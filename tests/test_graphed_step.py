@@ -299,8 +299,8 @@ def _ddp_decisions_worker(rank, port, cfg_dict, batches, sync_free, out_file):
     if sync_free:  # the sync-free step, uncaptured (capture needs CUDA)
         training_module.graph_blockers = lambda config, runtime: []
     cfg = Config.from_dict(cfg_dict).replace(cuda_graphs=sync_free)
-    trainer = Trainer(cfg, init_runtime("cpu"), progress=False,
-                      loaders=(batches[rank], batches[rank]))
+    loader = [m for x in batches[rank] for m in (x if isinstance(x, list) else [x])]
+    trainer = Trainer(cfg, init_runtime("cpu"), progress=False, loaders=(loader, loader))
     assert type(trainer.train_step_fn) is (SyncFreeStep if sync_free else TrainStep)
     if rank == 1:
         trainer.skipper.warmup, trainer.skipper.factor, trainer.skipper.patience = 1, 1e-9, 2
@@ -317,14 +317,18 @@ def _ddp_decisions_worker(rank, port, cfg_dict, batches, sync_free, out_file):
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_ranks_agree_on_skips_and_stops_in_both_steps(tmp_path):
+@pytest.mark.parametrize("accum", [1, 2], ids=["one_batch", "accumulation"])
+def test_ddp_ranks_agree_on_skips_and_stops_in_both_steps(tmp_path, accum):
     """Under DDP (2 gloo processes) one rank's skip decision, and one rank's stop request,
     bind every rank, in the eager and the sync-free step alike.  The sync-free step agrees
     on the skip on the device; without that, the ranks' weights part at the first skip.
-    Both steps then train alike."""
+    Both steps then train alike, also with 2 micro-batches per step (DDP's no_sync on the
+    first, with the sync-free step's flat gradient buffer)."""
     from test_training import _free_port
-    cfg = tiny(tmp_path, learning_rate=2e-3, batch_size=8)
+    cfg = tiny(tmp_path, learning_rate=2e-3, batch_size=8 // accum, grad_accum_steps=accum)
     batches = [[bernoulli_batch(8, seed=10 * r + i) for i in range(DDP_STEPS)] for r in range(2)]
+    if accum == 2:
+        batches = [[list(x.chunk(2)) for x in rank] for rank in batches]
     runs = {}
     for sync_free in (False, True):
         out = tmp_path / f"ddp-{sync_free}"
