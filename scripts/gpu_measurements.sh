@@ -6,7 +6,9 @@
 #
 # 1. the real-capture tests (skipped on the CPU);
 # 2. eager against captured steps: losses, weights, ms/step (cifar10 and mnist);
-# 3. the README table: the four paper presets, bf16, eager and captured steps.
+# 3. the README table: the four paper presets, bf16, eager and captured steps;
+# 4. cifar10 with --compile regional (inductor): the first step's compile time
+#    (target: under 60 s), graphs, recompiles, ms/step, with and without capture.
 # Each part's output is also written to OUT_DIR (default: gpu-measurements/).
 set -u
 out="${1:-gpu-measurements}"
@@ -20,3 +22,8 @@ for args in "--preset cifar10 --batch_size 32" "--preset mnist --batch_size 200"
 done
 timeout 600 python scripts/bench_table.py --amp bf16 --cuda_graphs false,true --timeout 150 \
     --extra "--steps 5 --warmup 4 --num-samples 4" --json "$out/table.json" | tee "$out/table.md"
+for graphs in false true; do
+    timeout 300 python scripts/bench.py --preset cifar10 --batch_size 32 --amp bf16 \
+        --compile regional --cuda_graphs $graphs --steps 20 --warmup 5 --num-samples 4 \
+        2>>"$out/compile.err" | tee -a "$out/compile.jsonl"
+done
