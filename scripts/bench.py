@@ -197,31 +197,14 @@ class _BackwardStarts(Exception):
 def resident_at_backward(config) -> dict:
     """GiB a CUDA device holds when the training step's backward starts (see the module
     docstring): one real ``TrainStep.forward_backward`` on fake CUDA tensors."""
-    import contextlib
     from unittest import mock
 
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from hvae import objectives
-    from hvae import step as step_module
+    from hvae.fake_cuda import fake_cuda
     from hvae.model import NVAE
     from hvae.model.remat import enable_activation_checkpointing
-    from hvae.runtime import AMP_DTYPES
     from hvae.schedules import Schedule
     from hvae.step import GradSkipper, TrainStep
-
-    @contextlib.contextmanager
-    def cuda_autocast(device, amp, cache_enabled=True):  # torch.autocast("cuda") turns itself off without a GPU
-        if amp not in AMP_DTYPES:
-            yield
-            return
-        torch.set_autocast_enabled("cuda", True)
-        torch.set_autocast_dtype("cuda", AMP_DTYPES[amp])
-        try:
-            yield
-        finally:
-            torch.set_autocast_enabled("cuda", False)
-            torch.clear_autocast_cache()
 
     def stop(*args, **kwargs):
         measured["live"] = tracker.live_bytes()
@@ -229,10 +212,7 @@ def resident_at_backward(config) -> dict:
 
     # channels-last changes layouts, not sizes (and converting fake parameters fails)
     cfg, device, measured = config.replace(channels_last=False), torch.device("cuda"), {}
-    with FakeTensorMode(), torch.device(device), \
-            mock.patch.object(step_module, "autocast", cuda_autocast), \
-            mock.patch.object(torch.Tensor, "backward", stop), \
-            mock.patch("torch.utils.checkpoint.get_device_states", lambda *a: ([], [])):
+    with fake_cuda(), torch.device(device), mock.patch.object(torch.Tensor, "backward", stop):
         model = NVAE(cfg)
         enable_activation_checkpointing(model, cfg.activation_checkpointing)
         spectral = objectives.SpectralRegularizer(model, cfg.num_power_iter)

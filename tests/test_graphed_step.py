@@ -280,6 +280,54 @@ def test_cuda_graphs_on_the_cpu_fall_back_to_eager_steps_and_say_why(tmp_path, c
     assert len(reasons) == 1 and "checkpointing" in reasons[0]  # torchrun does not block
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(amp="bf16"),
+    dict(amp="fp16", num_nf=1, grad_accum_steps=2, batch_size=8),
+], ids=["fp32", "bf16", "fp16-flows-accumulation"])
+def test_the_sync_free_step_keeps_every_tensor_on_the_gpu(tmp_path, monkeypatch, overrides):
+    """The sync-free step, backward aside, on fake CUDA tensors (``hvae.fake_cuda``),
+    through warm-up, a stand-in capture and replays: an op that meets a CPU tensor (other
+    than a plain number) fails, and so does a read of a value.  On the CPU, where every
+    tensor is a CPU tensor, the other tests cannot see a tensor left behind on the host."""
+    from torch._subclasses.fake_tensor import FakeCopyMode
+
+    from hvae import objectives
+    from hvae.fake_cuda import fake_cuda, grad_scaler
+    from hvae.model import NVAE
+    from hvae.schedules import Schedule
+    from hvae.step import EMA, GradSkipper
+
+    def capture(fn, device):  # runs the step once; the replays do nothing (fake tensors)
+        out = fn()
+        return type("Graph", (), {"replay": lambda self: None})(), out
+
+    monkeypatch.setattr(graphed_step, "capture_graph", capture)
+    monkeypatch.setattr(graphed_step, "side_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *args, **kwargs: None)
+    cfg = tiny(tmp_path, channels_last=False, **overrides)  # fake parameters stay channels-first
+    device = torch.device("cuda", 0)
+    with fake_cuda() as mode:
+        with torch.device(device):  # fake parameters cannot be moved: made on the device
+            model = NVAE(cfg)
+            spectral = objectives.SpectralRegularizer(model, cfg.num_power_iter)
+            with FakeCopyMode(mode):
+                ema = EMA(model, cfg.ema_decay)
+        spectral._initialized_on_host = True  # settled: reading the buffer is a host read
+        # from here the default device is the CPU, as in a run
+        step = SyncFreeStep(
+            model, model, cfg, Runtime(device=device), Schedule(cfg, 100, lr_warmup_steps=0),
+            torch.optim.Adamax(model.parameters(), lr=cfg.learning_rate, foreach=True),
+            spectral, ema, GradSkipper(cfg.grad_skip_factor, device=device),
+            grad_scaler(enabled=cfg.amp == "fp16"), capture=True)
+        x = torch.rand(16, 1, 28, 28, device="cpu").round()  # a host batch, as from a loader
+        x = x if cfg.grad_accum_steps == 1 else list(x.chunk(2))
+        for i in range(graphed_step.WARMUP_STEPS + 2):
+            metrics = step(x, i)
+    assert step.captures == 1
+    assert {v.device for v in metrics.values() if torch.is_tensor(v)} == {device}
+
+
 # ------------------------------------------------------------------------- DDP
 DDP_STEPS = 5
 RANK1_SKIPS = [False, True, True, False, True]  # rank 1's skipper below, patience 2
