@@ -259,6 +259,20 @@ class LatentGroup(nn.Module):
         return self.combiner(state, z)
 
 
+def _plain_strides_where_contiguous(module: nn.Module) -> None:
+    """Restride (no copy) the parameters that are both channels-last and contiguous, the
+    [o, i, 1, 1] weights, to plain strides.  The channels-last conversion gives their
+    size-1 dimensions strides that autograd's gradients do not have, and DDP then warns
+    that every such gradient's strides differ from its parameter's."""
+    for p in module.parameters():
+        plain, size = [], 1
+        for n in reversed(p.shape):
+            plain.insert(0, size)
+            size *= max(n, 1)
+        if p.is_contiguous() and list(p.stride()) != plain:
+            p.data = p.data.as_strided(p.shape, plain, p.storage_offset())
+
+
 class NVAE(nn.Module):
     """NVAE built from a ``Config``; see the module docstring for the data flow."""
 
@@ -316,6 +330,7 @@ class NVAE(nn.Module):
         self.head = nn.Sequential(ELU(), Conv2d(c, out_channels, 3))
         if cfg.channels_last:
             self.to(memory_format=torch.channels_last)
+            _plain_strides_where_contiguous(self)
 
     # ------------------------------------------------------------- helpers --
     def stacked_weights(self):
