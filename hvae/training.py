@@ -39,6 +39,7 @@ from hvae.logger import MetricsLogger
 from hvae.model import NVAE
 from hvae.model.compile import compile_model
 from hvae.model.remat import enable_activation_checkpointing
+from hvae.model.sync_bn import convert_sync_batchnorm
 from hvae.runtime import (Interrupted, Runtime, StopSignals, configure_backends, init_runtime,
                           runtime_session, seed_everything)
 from hvae.schedules import Schedule
@@ -99,9 +100,7 @@ class Trainer:
         self.model = NVAE(cfg).to(device)
         self._check_data_fits()
         if cfg.sync_bn and rt.distributed:
-            if device.type == "cpu":
-                raise ValueError("sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = convert_sync_batchnorm(self.model)
         self.spectral = objectives.SpectralRegularizer(self.model, cfg.num_power_iter).to(device)
         net = self.model
         if rt.distributed:
