@@ -42,6 +42,7 @@ EV, MODEL, DIST = "tests/test_evaluation.py", "tests/test_model.py", "tests/test
 OBJ = "tests/test_objectives.py"
 NVAE_REF = "tests/test_nvae_import.py"
 GRAPH = "tests/test_graphed_step.py"
+SYNC_BN = "tests/test_sync_bn.py"
 
 MUTANTS = [
     Mutant("flow_log_det_sign", "hvae/model/nvae.py",
@@ -187,6 +188,22 @@ MUTANTS = [
            "            if bool(failed) and error is None:", "            if False:",
            [f"{GRAPH}::test_under_ddp_every_rank_replays_or_none_does"],
            "CUDA graphs under DDP: a rank replays while another could not capture"),
+    Mutant("sync_bn_local_statistics", "hvae/model/sync_bn.py",
+           "        return (self.training and torch.is_grad_enabled()",
+           "        return False and (self.training and torch.is_grad_enabled()",
+           [f"{SYNC_BN}::test_two_ranks_normalise_as_one_process_with_the_whole_batch",
+            f"{SYNC_BN}::test_sync_bn_training_keeps_every_ranks_statistics_equal"],
+           "--sync_bn: each rank normalises with its own batch's statistics"),
+    Mutant("sync_bn_unshifted_sums", "hvae/model/sync_bn.py",
+           "        shift = self.running_mean.detach().clone().float()",
+           "        shift = torch.zeros_like(self.running_mean)",
+           [f"{SYNC_BN}::test_two_ranks_normalise_as_one_process_with_the_whole_batch"],
+           "--sync_bn: variance from unshifted sums (cancellation when |mean| >> std)"),
+    Mutant("sync_bn_biased_running_var", "hvae/model/sync_bn.py",
+           "self.running_var.lerp_(var * (n / (n - 1).clamp_min(1)), momentum)",
+           "self.running_var.lerp_(var, momentum)",
+           [f"{SYNC_BN}::test_two_ranks_normalise_as_one_process_with_the_whole_batch"],
+           "--sync_bn: the running variance without Bessel's correction"),
     Mutant("cli_nll_ignores_seed", "evaluate.py",
            "distributed=world > 1, seed=args.seed + rank))", "distributed=world > 1, seed=None))",
            [f"{EV}::test_cli_nll_subprocess_matches_the_library_for_the_same_seed"],

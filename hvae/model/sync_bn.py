@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as collectives
 import torch.nn as nn
 
 from hvae.model.cells import count_batch
@@ -50,8 +50,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         shift = self.running_mean.detach().clone().float()
         d = x.float() - shift.view(shape)
         count = torch.full((1,), x.numel() // c, dtype=torch.float32, device=x.device)
-        sums = dist_fn.all_reduce(torch.cat([d.sum((0, 2, 3)), d.square().sum((0, 2, 3)), count]),
-                                  group=self.process_group)
+        group = self.process_group or dist.group.WORLD
+        sums = collectives.all_reduce(  # differentiable: its backward all-reduces the gradient
+            torch.cat([d.sum((0, 2, 3)), d.square().sum((0, 2, 3)), count]), "sum", group)
         n = sums[2 * c]
         offset = sums[:c] / n
         var = (sums[c:2 * c] / n - offset.square()).clamp_min(0)
