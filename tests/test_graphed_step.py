@@ -23,7 +23,7 @@ from hvae.runtime import Runtime
 from hvae.step import TrainStep
 from hvae.training import Trainer, train
 
-from test_training import TINY, bernoulli_batch
+from test_training import TINY, bernoulli_batch, torchrun_environment
 
 
 def tiny(tmp_path, **overrides):
@@ -338,10 +338,7 @@ def _ddp_decisions_worker(rank, port, cfg_dict, batches, sync_free, out_file):
     """One of 2 gloo ranks: ``DDP_STEPS`` steps where only rank 1 decides to skip (its
     skipper calls every update after the first an outlier, patience 2) and only rank 0
     is asked to stop, at ``STOP_AT``."""
-    import os
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    torchrun_environment(rank, 2, port)
     from hvae.config import Config
     from hvae.training import init_runtime
     if sync_free:  # the sync-free step, uncaptured (capture needs CUDA)
@@ -412,10 +409,7 @@ def _ddp_capture_worker(rank, port, cfg_dict, batches, out_file):
     """One of 2 gloo ranks taking the sync-free step with capture on (as on a GPU).  The
     capture stands in for CUDA's: it runs nothing, succeeds on rank 0 and fails on
     rank 1."""
-    import os
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    torchrun_environment(rank, 2, port)
     from hvae.config import Config
     from hvae.training import init_runtime
     training_module.graph_blockers = lambda config, runtime: []

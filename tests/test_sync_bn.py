@@ -2,8 +2,6 @@
 checked in 2 gloo processes against one process holding the whole batch."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn as nn
@@ -11,19 +9,12 @@ import torch.nn as nn
 from hvae.config import preset
 from hvae.model.sync_bn import SyncBatchNorm2d, convert_sync_batchnorm
 
-from test_training import TINY, _free_port, bernoulli_batch
-
-
-def _environment(rank: int, port: int) -> None:
-    """torchrun's environment for rank ``rank`` of 2."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+from test_training import TINY, _free_port, bernoulli_batch, torchrun_environment
 
 
 def _layer_worker(rank, port, x, upstream, out_file):
     """Rank ``rank`` normalises its half of ``x``; saves what it computed."""
-    _environment(rank, port)
+    torchrun_environment(rank, 2, port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     bn = SyncBatchNorm2d(x.shape[1], momentum=0.3)
     with torch.no_grad():
@@ -89,7 +80,7 @@ def test_conversion_shares_parameters_and_buffers_and_leaves_evaluation_plain():
 
 def _training_worker(rank, port, cfg_dict, batches, out_file):
     """One training step of a tiny model with ``--sync_bn`` under torchrun's runtime."""
-    _environment(rank, port)
+    torchrun_environment(rank, 2, port)
     from hvae import training
     from hvae.config import Config
     cfg = Config.from_dict(cfg_dict)

@@ -117,10 +117,16 @@ def test_exact_resume_is_bit_identical(tmp_path, digit_folder):
     assert losses(straight) == losses(interrupted)
 
 
-def _ddp_worker(rank, world_size, port, cfg_dict, batches, out_file):
+def torchrun_environment(rank: int, world_size: int, port: int) -> None:
+    """What torchrun sets for rank ``rank`` of a local group (workers of spawned tests),
+    and one thread each."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+
+def _ddp_worker(rank, world_size, port, cfg_dict, batches, out_file):
+    torchrun_environment(rank, world_size, port)
     from hvae.config import Config
     from hvae.training import Trainer, init_runtime
     cfg = Config.from_dict(cfg_dict)
