@@ -98,8 +98,9 @@ class Config:
     # its activations (torch.utils.checkpoint, non-reentrant): less memory, more time
     activation_checkpointing: bool = False
     # capture the whole training step (forward, backward, Adamax, EMA) in one CUDA graph
-    # and replay it; the skip decision moves onto the device.  Single GPU; the run says
-    # why when it falls back to eager steps.  See hvae/graphed_step.py.
+    # and replay it; the skip decision moves onto the device.  One GPU or several
+    # (torchrun); the run says why when it falls back to eager steps.  See
+    # hvae/graphed_step.py.
     cuda_graphs: bool = False
 
     # ---- objective ---------------------------------------------------------

@@ -102,11 +102,12 @@ class Trainer:
         if cfg.sync_bn and rt.distributed:
             self.model = convert_sync_batchnorm(self.model)
         self.spectral = objectives.SpectralRegularizer(self.model, cfg.num_power_iter).to(device)
+        blockers = graph_blockers(cfg, rt) if cfg.cuda_graphs else []
+        graphed = cfg.cuda_graphs and not blockers
         net = self.model
         if rt.distributed:
             # a captured backward holds DDP's all-reduces: PyTorch's CUDA notes ask for DDP
             # to be built on a side stream then
-            graphed = cfg.cuda_graphs and not graph_blockers(cfg, rt)
             with side_stream(device) if graphed else contextlib.nullcontext():
                 net = DistributedDataParallel(
                     self.model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -118,7 +119,7 @@ class Trainer:
         enable_activation_checkpointing(self.model, cfg.activation_checkpointing)  # after compile
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.skipper = GradSkipper(cfg.grad_skip_factor, enabled=cfg.grad_skip, device=device)
-        self.train_step_fn = self._make_step(net)
+        self.train_step_fn = self._make_step(net, blockers)
         self.checkpointer = Checkpointer(self.run_dir, enabled=rt.is_main)
         self.logger = MetricsLogger(self.run_dir, enabled=rt.is_main)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0  # batch_in_epoch: loader batches
@@ -128,13 +129,13 @@ class Trainer:
         if resume:
             Checkpointer.restore(self, resume, rank=rt.rank if rt.distributed else 0)
 
-    def _make_step(self, net: nn.Module) -> TrainStep:
-        """The eager step, or with ``cuda_graphs`` the captured one where nothing prevents it."""
+    def _make_step(self, net: nn.Module, blockers: list[str]) -> TrainStep:
+        """The eager step, or with ``cuda_graphs`` the captured one unless ``blockers``
+        (``graph_blockers``) name what prevents it."""
         cfg, rt = self.config, self.runtime
         parts = (self.model, net, cfg, rt, self.schedule, self.optimizer, self.spectral,
                  self.ema, self.skipper, self.scaler)
         if cfg.cuda_graphs:
-            blockers = graph_blockers(cfg, rt)
             if not blockers:
                 return SyncFreeStep(*parts, capture=rt.device.type == "cuda")
             if rt.is_main:
