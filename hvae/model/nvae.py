@@ -265,12 +265,8 @@ def _plain_strides_where_contiguous(module: nn.Module) -> None:
     size-1 dimensions strides that autograd's gradients do not have, and DDP then warns
     that every such gradient's strides differ from its parameter's."""
     for p in module.parameters():
-        plain, size = [], 1
-        for n in reversed(p.shape):
-            plain.insert(0, size)
-            size *= max(n, 1)
-        if p.is_contiguous() and list(p.stride()) != plain:
-            p.data = p.data.as_strided(p.shape, plain, p.storage_offset())
+        if p.is_contiguous():  # flattened and viewed back: the same memory, plain strides
+            p.data = p.data.view(-1).view(p.shape)
 
 
 class NVAE(nn.Module):
