@@ -136,7 +136,9 @@ class Checkpointer:
     def restore(run, path: str | os.PathLike, rank: int = 0) -> None:
         """Load ``path`` into ``run``; rank 0 restores the RNG states, other ranks
         reseed reproducibly (their noise streams differ from rank 0's anyway)."""
-        state = load_checkpoint(path, map_location=run.runtime.device)
+        # on the CPU: the RNG states must stay there, and load_state_dict moves the
+        # weights, buffers and optimiser state onto the run's device
+        state = load_checkpoint(path, map_location="cpu")
         missing = [k for k in TRAINING_KEYS if k not in state]
         if missing and state.get("imported"):
             Checkpointer._start_from_imported(run, path, state)

@@ -21,9 +21,12 @@ from hvae.errors import HvaeError
 
 DATASETS = ("mnist_subset", "mnist", "cifar10", "celeba64", "imagenet32",
             "celebahq256", "ffhq256", "lmdb", "folder")
-AMP_MODES = ("none", "fp16", "bf16")
+# "auto" (the default of the three performance fields) is resolved for the run's device
+# by hvae.runtime.choose_fast_path: the fast path on CUDA, plain fp32 eager steps elsewhere.
+AMP_MODES = ("auto", "none", "fp16", "bf16")
 FLOW_TYPES = ("nvae", "affine")  # hvae.model.flows.make_flow
-COMPILE_MODES = ("none", "regional", "full")  # see hvae/model/compile.py
+COMPILE_MODES = ("auto", "none", "regional", "full")  # see hvae/model/compile.py
+CUDA_GRAPHS_MODES = ("auto", "true", "false")
 
 
 class ConfigError(HvaeError, ValueError):
@@ -88,20 +91,23 @@ class Config:
     grad_skip: bool = True      # skip updates with non-finite or outlying norms
     grad_skip_factor: float = 50.0  # skip when norm > factor * recent median norm
     ema_decay: float = 0.9999   # 0: no EMA
-    amp: str = "none"
+    # autocast: "bf16", "fp16" (with loss scaling), "none" (fp32); "auto": bf16 on a GPU
+    # that has it, else fp16; fp32 off CUDA
+    amp: str = "auto"
     sync_bn: bool = False
     # torch.compile of the training model: "none" (eager), "regional" (each repeated
     # cell / latent group compiled once and reused; the fast path on GPUs), "full"
-    # (the whole forward, one graph; slow to compile).  See hvae/model/compile.py.
-    compile: str = "none"
+    # (the whole forward, one graph; slow to compile); "auto": regional on CUDA, else
+    # none.  See hvae/model/compile.py.
+    compile: str = "auto"
     # recompute each residual cell and latent group in backward instead of keeping
     # its activations (torch.utils.checkpoint, non-reentrant): less memory, more time
     activation_checkpointing: bool = False
     # capture the whole training step (forward, backward, Adamax, EMA) in one CUDA graph
     # and replay it; the skip decision moves onto the device.  One GPU or several
     # (torchrun); the run says why when it falls back to eager steps.  See
-    # hvae/graphed_step.py.
-    cuda_graphs: bool = False
+    # hvae/graphed_step.py.  "auto": on CUDA, "true"/"false" otherwise forced.
+    cuda_graphs: str = "auto"
 
     # ---- objective ---------------------------------------------------------
     kl_anneal_portion: float = 0.3
@@ -186,6 +192,8 @@ class Config:
         need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
         need(self.flow_type in FLOW_TYPES, "flow_type", f"one of {', '.join(FLOW_TYPES)}")
         need(self.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")
+        need(self.cuda_graphs in CUDA_GRAPHS_MODES, "cuda_graphs",
+             f"one of {', '.join(CUDA_GRAPHS_MODES)}")
         need(1 <= self.num_x_bits <= 8, "num_x_bits", "an integer from 1 to 8")
         need(self.in_channels in (1, 3), "in_channels", "1 or 3")
         need(not (self.binary and self.in_channels != 1), "binary",
@@ -244,15 +252,14 @@ def _set_field(cfg: Config, key: str, value: Any) -> None:
 
 def _coerce(name: str, value: Any) -> Any:
     kind = type(getattr(Config(), name))
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
+    if name == "cuda_graphs" and not isinstance(value, str):  # a bool: true or false
+        value = _coerce_bool(name, value)
+    if name == "cuda_graphs":
         text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{name}={value!r} is not allowed: true or false")
+        return {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false",
+                "off": "false"}.get(text, text)
+    if kind is bool:
+        return _coerce_bool(name, value)
     try:
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
@@ -263,6 +270,17 @@ def _coerce(name: str, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}={value!r} is not allowed: expected {kind.__name__}") from None
+
+
+def _coerce_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={value!r} is not allowed: true or false")
 
 
 # Presets: the NVAE paper recipes (DESIGN.md table) and a small CPU demo.  Each

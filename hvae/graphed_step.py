@@ -56,9 +56,6 @@ def graph_blockers(config: Config, runtime: Runtime) -> list[str]:
     reasons = []
     if runtime.device.type != "cuda":
         reasons.append(f"CUDA graphs need a CUDA device, and this run is on {runtime.device.type}")
-    if config.activation_checkpointing:
-        reasons.append("activation checkpointing saves and restores the CUDA RNG state on "
-                       "the host in every checkpointed region")
     return reasons
 
 

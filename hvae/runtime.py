@@ -85,13 +85,62 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
 
 
 def autocast(device: torch.device, amp: str, cache_enabled: bool = True):
-    """The autocast context of ``--amp`` (none, fp16, bf16) on ``device``.
+    """The autocast context of ``--amp`` (none, fp16, bf16, auto) on ``device``.
 
     ``cache_enabled=False`` re-casts the weights at every use instead of caching
     the casts for the context's lifetime: what a CUDA-graph capture needs."""
+    amp = resolve_amp(amp, device)[0]
     if amp not in AMP_DTYPES:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp], cache_enabled=cache_enabled)
+
+
+# ---------------------------------------------------------------- the fast path
+def resolve_amp(amp: str, device: torch.device) -> tuple[str, str]:
+    """``--amp`` for ``device``: (none / fp16 / bf16, why).  "auto" is bf16 on a GPU that
+    computes in bf16 (Ampere and later), fp16 with loss scaling on older GPUs, and fp32
+    elsewhere (CPU autocast is slower than fp32 for this model's convolutions)."""
+    if amp != "auto":
+        return amp, "as set"
+    if device.type != "cuda":
+        return "none", f"fp32 on {device.type}"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16", "the GPU computes in bf16"
+    return "fp16", "the GPU has no bf16: fp16 with loss scaling"
+
+
+def resolve_compile(mode: str, device: torch.device) -> tuple[str, str]:
+    """``--compile`` for ``device``: "auto" is regional on CUDA (inductor's Triton kernels;
+    a one-time compile, cached on disk), none elsewhere."""
+    if mode != "auto":
+        return mode, "as set"
+    if device.type != "cuda":
+        return "none", f"eager on {device.type}"
+    from torch.utils._triton import has_triton
+    if not has_triton():
+        return "none", "Triton is not installed, so inductor cannot compile for this GPU"
+    return "regional", "each kind of cell compiled once (a one-time compile, cached on disk)"
+
+
+def resolve_cuda_graphs(mode: str, device: torch.device) -> tuple[str, str]:
+    """``--cuda_graphs`` for ``device``: "auto" captures the step on CUDA."""
+    if mode != "auto":
+        return mode, "as set"
+    if device.type != "cuda":
+        return "false", f"no CUDA graphs on {device.type}"
+    return "true", "the step is captured once and replayed"
+
+
+def choose_fast_path(config, device: torch.device):
+    """``config`` with ``amp``, ``compile`` and ``cuda_graphs`` resolved for ``device``
+    (what "auto" means there), and one line that says what was chosen and why."""
+    chosen = {"amp": resolve_amp(config.amp, device),
+              "compile": resolve_compile(config.compile, device),
+              "cuda_graphs": resolve_cuda_graphs(config.cuda_graphs, device)}
+    line = f"{device.type}: " + "; ".join(
+        f"--{name} {getattr(config, name)}" + (f" -> {value} ({why})" if why != "as set" else "")
+        for name, (value, why) in chosen.items())
+    return config.replace(**{name: value for name, (value, _) in chosen.items()}), line
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

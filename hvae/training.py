@@ -40,8 +40,8 @@ from hvae.model import NVAE
 from hvae.model.compile import compile_model
 from hvae.model.remat import enable_activation_checkpointing
 from hvae.model.sync_bn import convert_sync_batchnorm
-from hvae.runtime import (Interrupted, Runtime, StopSignals, configure_backends, init_runtime,
-                          runtime_session, seed_everything)
+from hvae.runtime import (Interrupted, Runtime, StopSignals, choose_fast_path, configure_backends,
+                          init_runtime, runtime_session, seed_everything)
 from hvae.schedules import Schedule
 from hvae.step import EMA, GradSkipper, TrainStep
 
@@ -75,8 +75,12 @@ class Trainer:
     def __init__(self, config: Config, runtime: Runtime | None = None,
                  resume: str | os.PathLike | None = None, progress: bool = True,
                  run_dir: str | os.PathLike | None = None, loaders: tuple | None = None):
-        self.config = cfg = config.validate()
         self.runtime = rt = runtime or init_runtime()
+        # "auto" performance fields resolved for this device: the fast path on CUDA
+        self.config, fast_path = choose_fast_path(config.validate(), rt.device)
+        cfg = self.config
+        if rt.is_main:
+            print(fast_path, file=sys.stderr, flush=True)
         self.progress = progress and rt.is_main
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.out) / cfg.run_name
         configure_backends(rt.device, cfg.deterministic)
@@ -102,8 +106,9 @@ class Trainer:
         if cfg.sync_bn and rt.distributed:
             self.model = convert_sync_batchnorm(self.model)
         self.spectral = objectives.SpectralRegularizer(self.model, cfg.num_power_iter).to(device)
-        blockers = graph_blockers(cfg, rt) if cfg.cuda_graphs else []
-        graphed = cfg.cuda_graphs and not blockers
+        wants_graphs = cfg.cuda_graphs == "true"
+        blockers = graph_blockers(cfg, rt) if wants_graphs else []
+        graphed = wants_graphs and not blockers
         net = self.model
         if rt.distributed:
             # a captured backward holds DDP's all-reduces: PyTorch's CUDA notes ask for DDP
@@ -135,7 +140,7 @@ class Trainer:
         cfg, rt = self.config, self.runtime
         parts = (self.model, net, cfg, rt, self.schedule, self.optimizer, self.spectral,
                  self.ema, self.skipper, self.scaler)
-        if cfg.cuda_graphs:
+        if cfg.cuda_graphs == "true":
             if not blockers:
                 return SyncFreeStep(*parts, capture=rt.device.type == "cuda")
             if rt.is_main:

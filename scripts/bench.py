@@ -78,6 +78,9 @@ _NOT_KERNELS = ("_local_scalar_dense", "item", "flatten", "narrow", "view_as", "
 _MAYBE_NO_OP = ("to", "contiguous", "type_as", "float", "double", "half", "bfloat16")
 
 
+MAX_SETTLING_STEPS = 60  # warm-up steps added while updates are skipped (fp16 loss scale)
+
+
 class OpCounter(TorchDispatchMode):
     """Counts aten compute ops and host syncs dispatched while active."""
 
@@ -163,6 +166,120 @@ def synthetic_batches(config, num: int, device):
     return [b.to(device) for b in batches]
 
 
+# Kernel kinds, decided from the aten ops that launched a kernel (innermost first).
+_KINDS = (("batchnorm", ("batch_norm",)), ("grad scaler", ("_amp_",)),
+          ("foreach (optimiser, EMA, gradients)", ("_foreach_",)),
+          ("matmul", ("mm", "addmm", "bmm", "linear", "matmul")),
+          ("copies", ("copy_", "_to_copy", "cat", "clone", "contiguous", "stack", "index",
+                      "gather", "scatter", "masked_fill", "fill_", "zero_", "constant_pad_nd")),
+          ("reductions", ("sum", "mean", "norm", "linalg_vector_norm", "amax", "amin", "max",
+                          "min", "sort", "var", "std", "logsumexp", "_softmax", "_log_softmax",
+                          "cumsum", "prod", "any", "all", "nansum")))
+# ... and from the kernel's own name where no launching op was seen (compiled kernels)
+_NAME_KINDS = (("elementwise (fused)", "triton_poi"), ("reductions (fused)", "triton_red"),
+               ("reductions (fused)", "triton_per"), ("convolution", "conv"),
+               ("convolution", "xmma"), ("convolution", "cudnn"), ("batchnorm", "bn_"),
+               ("batchnorm", "batch_norm"), ("foreach (optimiser, EMA, gradients)", "multi_tensor"),
+               ("matmul", "gemm"), ("matmul", "cutlass"), ("reductions", "reduce"),
+               ("copies", "copy"), ("copies", "cat"))
+
+
+def _conv_kind(chain) -> str | None:
+    """'convolution depthwise 5x5 forward' etc. from the weight shape of the conv op in
+    ``chain`` [(op name, input shapes)], or None when no conv op launched the kernel."""
+    for name, shapes in chain:
+        base = name.split("::")[-1]
+        if base in ("convolution", "_convolution", "cudnn_convolution", "convolution_backward",
+                    "_conv_depthwise2d", "conv2d", "mkldnn_convolution"):
+            backward = any(n.endswith("convolution_backward") for n, _ in chain)
+            w = shapes[2] if base == "convolution_backward" else shapes[1] if len(shapes) > 1 else []
+            x = shapes[1] if base == "convolution_backward" else shapes[0] if shapes else []
+            if len(w) != 4:
+                return "convolution " + ("backward" if backward else "forward")
+            depthwise = w[1] == 1 and len(x) == 4 and x[1] == w[0] and w[0] > 1
+            size = f"{w[2]}x{w[3]}"
+            return (f"convolution {'depthwise ' if depthwise else ''}{size} "
+                    f"{'backward' if backward else 'forward'}")
+    return None
+
+
+def _kind_of(chain, kernel: str) -> str:
+    conv = _conv_kind(chain)
+    if conv:
+        return conv
+    for name, _ in chain:
+        base = name.split("::")[-1]
+        for kind, ops in _KINDS:
+            if any(base == op or (op.endswith("_") and base.startswith(op)) or
+                   (op == "batch_norm" and op in base) for op in ops):
+                return kind
+    for kind, fragment in _NAME_KINDS:
+        if fragment in kernel.lower():
+            return kind
+    return "elementwise" if chain else "other"
+
+
+def kernel_times(fn, device: torch.device) -> dict:
+    """GPU kernels of one call of ``fn``: {kernel name: {kind: microseconds}}.  Each
+    kernel's time is split over kinds by the aten ops that launched it (a captured
+    replay launches no ops: its kernels get their name's kind, or "other")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 record_shapes=True) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    events = prof.events()
+    split: dict = {}  # kernel name -> {kind: us} as launched by aten ops
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU or not getattr(e, "kernels", None):
+            continue
+        chain, parent = [], e.cpu_parent
+        while parent is not None:
+            chain.append((parent.name, [list(s) for s in (parent.input_shapes or [])
+                                        if isinstance(s, (list, tuple))]))
+            parent = parent.cpu_parent
+        for k in e.kernels:
+            kind = _kind_of(chain, k.name)
+            slot = split.setdefault(k.name, {})
+            slot[kind] = slot.get(kind, 0.0) + k.duration
+    times: dict = {}
+    for e in events:  # every kernel the GPU ran, claimed by an op or not
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.time_range.end - e.time_range.start
+        kinds = split.get(e.name) or {_kind_of([], e.name): 1.0}
+        weight = sum(kinds.values())
+        slot = times.setdefault(e.name, {})
+        for kind, t in kinds.items():
+            slot[kind] = slot.get(kind, 0.0) + us * t / weight
+    return times
+
+
+def kernel_profile(eager_times: dict, step_times: dict, top: int = 15) -> dict:
+    """Kernel time of one step by kind and its ``top`` kernels (ms).  ``step_times`` is the
+    profiled step (captured or not), ``eager_times`` an uncaptured step of the same
+    configuration: each kernel's time in the step is split over kinds as the eager
+    step's launching ops split it (the kernels are the same; a replay has no ops)."""
+    kinds: dict = {}
+    totals = []
+    for name, split in step_times.items():
+        total = sum(split.values())
+        totals.append((total, name))
+        reference = eager_times.get(name) or split
+        if set(reference) == {"other"}:
+            reference = {_kind_of([], name): 1.0}
+        weight = sum(reference.values())
+        for kind, t in reference.items():
+            kinds[kind] = kinds.get(kind, 0.0) + total * t / weight
+    totals.sort(reverse=True)
+    ms = lambda us: round(us / 1000, 3)  # noqa: E731
+    return {"kernel_ms": ms(sum(t for t, _ in totals)), "kernels": len(totals),
+            "by_kind_ms": {k: ms(v) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [[name[:120], ms(t)] for t, name in totals[:top]]}
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -211,7 +328,9 @@ def resident_at_backward(config) -> dict:
         raise _BackwardStarts
 
     # channels-last changes layouts, not sizes (and converting fake parameters fails)
-    cfg, device, measured = config.replace(channels_last=False), torch.device("cuda"), {}
+    # "auto" autocast on a GPU means bf16 (on one without bf16, pass --amp fp16)
+    cfg = config.replace(channels_last=False, amp="bf16" if config.amp == "auto" else config.amp)
+    device, measured = torch.device("cuda"), {}
     with fake_cuda(), torch.device(device), mock.patch.object(torch.Tensor, "backward", stop):
         model = NVAE(cfg)
         enable_activation_checkpointing(model, cfg.activation_checkpointing)
@@ -289,6 +408,9 @@ def main(argv=None) -> int:
                         help="also count the kernels of one step with the profiler (sees compiled code)")
     parser.add_argument("--explain", action="store_true",
                         help="also report torch._dynamo.explain graph / break counts of the forward")
+    parser.add_argument("--kernel-profile", type=cli.integer(0), default=0, metavar="N",
+                        help="CUDA: also report one step's kernel time by kind and its N "
+                             "costliest kernels")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the fake-tensor measurement of the memory at backward start")
     config, args = parse_args(argv, parser)
@@ -297,7 +419,7 @@ def main(argv=None) -> int:
     memory = resident_at_backward(config)
     if args.memory_only:
         print(json.dumps({"preset": config.preset, "batch_size": config.batch_size,
-                          "amp": config.amp,
+                          "amp": "bf16" if config.amp == "auto" else config.amp,
                           "activation_checkpointing": config.activation_checkpointing, **memory}))
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -309,6 +431,7 @@ def main(argv=None) -> int:
     # a very long run keeps the schedules in their warm-up regime (KL balancing on)
     trainer = Trainer(config.replace(epochs=10**9, max_steps=0), Runtime(device=device),
                       progress=False, run_dir="/tmp/hvae-bench", loaders=(batches, batches))
+    config = trainer.config  # "auto" resolved for the device
 
     def sync():
         if device.type == "cuda":
@@ -317,20 +440,41 @@ def main(argv=None) -> int:
     # one step's micro-batches (--grad_accum_steps)
     micro = [[batches[(i + k) % 2] for k in range(config.grad_accum_steps)] for i in range(2)]
     times, graphs = [], []  # graphs: dynamo's count of compiled graphs after each step
-    for i in range(args.warmup + args.steps):
+    settling = 0  # extra warm-up steps while updates are skipped (see below)
+    i = 0
+    while i < args.warmup + args.steps:
+        if i == args.warmup and device.type == "cuda":  # steady state: warm-up and capture done
+            torch.cuda.reset_peak_memory_stats(device)
         sync()
         t0 = time.perf_counter()
-        trainer.train_step(micro[i % 2])
+        metrics = trainer.train_step(micro[i % 2])
         sync()
         times.append(time.perf_counter() - t0)
         graphs.append(dynamo_counters["stats"]["unique_graphs"])
+        i += 1
+        # fp16: the loss scale starts high, so the first updates overflow and are skipped,
+        # and until one is taken the step runs uncaptured; time the steady state
+        if i == args.warmup and bool(metrics["skipped"]) and settling < MAX_SETTLING_STEPS:
+            settling += 1
+            i -= 1
+            times.pop()
     step_s = statistics.median(times[args.warmup:] or times)
+    steady_peak = peak_memory_gib(device) if device.type == "cuda" and args.steps else None
     counter = OpCounter()
     with counter:
         trainer.train_step(micro[0])
     kernels = count_kernels(lambda: trainer.train_step(micro[1])) if args.kernels else None
     busy = (gpu_busy_fraction(lambda: trainer.train_step(micro[1]), device)
             if device.type == "cuda" else None)
+    profile = None
+    if args.kernel_profile and device.type == "cuda":
+        step_kernels = kernel_times(lambda: trainer.train_step(micro[1]), device)
+        step_fn = trainer.train_step_fn
+        captured = getattr(step_fn, "capture", False)
+        step_fn.capture = False  # the same step uncaptured: its ops tell what each kernel is
+        eager_kernels = kernel_times(lambda: trainer.train_step(micro[0]), device)
+        step_fn.capture = captured
+        profile = kernel_profile(eager_kernels, step_kernels, args.kernel_profile)
     model = trainer.eval_model.eval()
     with torch.no_grad():
         model.sample(args.num_samples)
@@ -348,7 +492,7 @@ def main(argv=None) -> int:
               "backend": compile_module.BACKEND if config.compile != "none" else None,
               "ms_per_step": round(step_s * 1000, 1),
               "images_per_s": round(config.batch_size * config.grad_accum_steps / step_s, 2),
-              "first_step_s": round(times[0], 2),
+              "first_step_s": round(times[0], 2), "settling_steps": settling,
               "grad_accum_steps": config.grad_accum_steps,
               "activation_checkpointing": config.activation_checkpointing,
               "peak_memory_gib": round(peak_memory_gib(device), 3), **memory,
@@ -358,8 +502,12 @@ def main(argv=None) -> int:
     if config.compile != "none":  # every step after the first reuses what it compiled
         report["compiled_graphs"] = graphs[0]
         report["recompiles_after_first_step"] = graphs[-1] - graphs[0]
+    if steady_peak is not None:
+        report["steady_peak_gib"] = round(steady_peak, 3)
     if busy is not None:
         report["gpu_busy_fraction"] = round(busy, 3)
+    if profile is not None:
+        report["kernel_profile"] = profile
     if kernels is not None:
         report["kernels_per_step"] = kernels
     if args.op_report:

@@ -580,3 +580,22 @@ def test_repeated_images_keep_their_memory_layout():
         assert torch.equal(r, t.repeat_interleave(2, dim=0))
         assert r.is_contiguous(memory_format=torch.channels_last if channels_last
                                else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_deterministic_bilinear_upsampling_is_interpolate(dtype):
+    """The matmul form of NVAE's align_corners bilinear x2 (taken on CUDA under
+    --deterministic, where interpolate's backward refuses): same values and gradients."""
+    import torch.nn.functional as F
+    from hvae.model.cells import upsample2x_bilinear_by_matmul
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    for shape in [(2, 3, 4, 4), (1, 2, 7, 5), (2, 4, 1, 1)]:
+        x = torch.randn(*shape).to(dtype).requires_grad_()
+        ours = upsample2x_bilinear_by_matmul(x)
+        theirs = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        torch.testing.assert_close(ours, theirs, **tol)
+        g = torch.randn_like(ours)
+        torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0],
+                                   torch.autograd.grad(theirs, x, g)[0], **tol)
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert upsample2x_bilinear_by_matmul(x).is_contiguous(memory_format=torch.channels_last)

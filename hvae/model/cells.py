@@ -282,7 +282,35 @@ class UpSkip(nn.Module):
         self.conv = Conv2d(c_in, c_out, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(self.conv(x), scale_factor=2, mode="bilinear", align_corners=True)
+        x = self.conv(x)
+        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+            return upsample2x_bilinear_by_matmul(x)  # CUDA's bilinear backward uses atomics
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+
+
+def _bilinear_matrix(n: int, like: torch.Tensor) -> torch.Tensor:
+    """[2n, n]: row o mixes the two inputs around o (n - 1) / (2n - 1) (align_corners)."""
+    pos = torch.arange(2 * n, device=like.device, dtype=torch.float64) * (n - 1) / max(2 * n - 1, 1)
+    low = pos.floor().clamp_max(n - 1)
+    frac = pos - low
+    high = (low + 1).clamp_max(n - 1)
+    rows = torch.arange(2 * n, device=like.device)
+    m = torch.zeros(2 * n, n, device=like.device, dtype=torch.float64)
+    m.index_put_((rows, low.long()), 1 - frac, accumulate=True)
+    m.index_put_((rows, high.long()), frac, accumulate=True)
+    return m.to(like.dtype)
+
+
+def upsample2x_bilinear_by_matmul(x: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)`` as two
+    matrix products, whose backward is deterministic (``--deterministic`` on CUDA,
+    where the interpolation's own backward refuses to run)."""
+    n, c, h, w = x.shape
+    exact = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    with torch.autocast(x.device.type, enabled=False):  # float32 weights, as interpolate's
+        out = (_bilinear_matrix(h, exact) @ exact @ _bilinear_matrix(w, exact).t()).to(x.dtype)
+    return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+        memory_format=torch.channels_last) and not x.is_contiguous() else out
 
 
 class EncCell(nn.Module):

@@ -189,6 +189,10 @@ class LatentGroup(nn.Module):
         self.posterior = Conv2d(c_enc, 2 * L, 3)
         self.flow = make_flow(cfg.flow_type, L, c_enc, cfg.num_nf) if cfg.num_nf > 0 else None
         self.combiner = DecCombiner(c_dec, L)
+        # set by activation checkpointing (hvae.model.remat): the posterior noise is taped
+        # in forward and replayed when backward recomputes the group, so no RNG state is
+        # saved or restored (which a CUDA-graph capture could not hold)
+        self.noise_tape = None
 
     def _enter(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(decoder state at this group, raw prior mu, raw prior log sigma)."""
@@ -225,7 +229,7 @@ class LatentGroup(nn.Module):
         if use_mean:
             z, neg_log_q = q_mu, q_log_sigma
         else:
-            eps = standard_normal_like(q_mu)
+            eps = standard_normal_like(q_mu) if self.noise_tape is None else self.noise_tape(q_mu)
             z = torch.addcmul(q_mu, torch.exp(q_log_sigma), eps)
             neg_log_q = torch.addcmul(q_log_sigma, eps, eps, value=0.5)
         log_det = None
