@@ -29,6 +29,7 @@ PAPER_PRESETS = ("mnist", "cifar10", "celeba64", "celebahq256")
 BENCH = Path(__file__).resolve().with_name("bench.py")
 COLUMNS = [  # (report key, column title); missing keys print as "–"
     ("ms_per_step", "ms/step"), ("images_per_s", "images/s"), ("peak_memory_gib", "peak GiB"),
+    ("steady_peak_gib", "steady peak GiB"),
     ("resident_at_backward_gib", "GiB at backward (fake)"),
     ("gpu_busy_fraction", "GPU busy"), ("first_step_s", "first step s"),
     ("aten_ops_per_step", "aten ops/step"), ("host_syncs_per_step", "host syncs/step")]

@@ -119,3 +119,30 @@ def test_command_line_typo_exits_with_a_hint(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--num_x_bits", "9"])
     assert "num_x_bits" in capsys.readouterr().err
+
+
+def test_auto_performance_fields_take_the_fast_path_on_cuda_only(monkeypatch):
+    """"auto" (the default) is bf16 + regional compile + the captured step on a CUDA GPU
+    with bf16, fp16 on one without, and plain fp32 eager steps off CUDA; set values stay."""
+    import torch
+    import torch.utils._triton
+    from hvae.runtime import choose_fast_path
+    cfg = preset("cifar10")
+    assert (cfg.amp, cfg.compile, cfg.cuda_graphs) == ("auto", "auto", "auto")
+    fields = lambda c: (c.amp, c.compile, c.cuda_graphs)  # noqa: E731
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    chosen, line = choose_fast_path(cfg, cuda)
+    assert fields(chosen) == ("bf16", "regional", "true")
+    assert line.startswith("cuda: --amp auto -> bf16 (") and "--cuda_graphs auto -> true" in line
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert fields(choose_fast_path(cfg, cuda)[0]) == ("fp16", "regional", "true")
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    assert fields(choose_fast_path(cfg, cuda)[0]) == ("fp16", "none", "true")
+    assert fields(choose_fast_path(cfg, torch.device("cpu"))[0]) == ("none", "none", "false")
+    fixed = cfg.replace(amp="none", compile="full", cuda_graphs=False)
+    assert fields(choose_fast_path(fixed, cuda)[0]) == ("none", "full", "false")
+    assert cfg.replace(cuda_graphs=True).cuda_graphs == "true"  # booleans of older checkpoints
+    with pytest.raises(ConfigError, match="cuda_graphs='maybe'"):
+        cfg.replace(cuda_graphs="maybe")

@@ -660,57 +660,6 @@ def test_grad_skipper_state_advances_under_replay():
         torch.testing.assert_close(b, a, equal_nan=True, rtol=0, atol=0)
 
 
-# ------------------------------------------------------- on a real GPU (skipped here)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def cuda_pair(tmp_path, **overrides) -> tuple[Trainer, Trainer]:
-    """An eager and a captured trainer on the GPU, from the same weights."""
-    device = torch.device("cuda", 0)
-    cfg = tiny(tmp_path, learning_rate=2e-3, **overrides)
-    eager = Trainer(cfg, Runtime(device=device), progress=False)
-    graphed = Trainer(cfg.replace(cuda_graphs=True), Runtime(device=device), progress=False)
-    graphed.model.load_state_dict(eager.model.state_dict())
-    graphed.ema.model.load_state_dict(eager.ema.model.state_dict())
-    assert type(graphed.train_step_fn) is SyncFreeStep and graphed.train_step_fn.capture
-    return eager, graphed
-
-
-@cuda
-@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
-def test_a_captured_step_trains_as_the_eager_step_on_a_gpu(tmp_path, amp):
-    eager, graphed = cuda_pair(tmp_path, amp=amp)
-    half, taken = amp != "none", 0
-    for i in range(24 if amp == "fp16" else 10):
-        a, b = step_both(eager, graphed, batch(i).cuda(), seed=300 + i)
-        assert bool(a["skipped"]) == bool(b["skipped"]), i
-        taken += not bool(b["skipped"])
-        torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-2 if half else 1e-4,
-                                   atol=1e-3, equal_nan=True, msg=f"step {i}")
-    step = graphed.train_step_fn
-    assert taken >= 5 and step.captures == 1 and step._graph is not None
-    assert_trainers_close(eager, graphed, rtol=1e-3, atol=5e-3 if half else 1e-4)
-
-
-@cuda
-def test_a_captured_step_skips_a_nan_batch_without_a_trace_on_a_gpu(tmp_path):
-    _, graphed = cuda_pair(tmp_path)
-    for i in range(6):  # warm-up, capture, replays
-        graphed.train_step(batch(i).cuda())
-    assert graphed.train_step_fn.captures == 1
-    before = copy.deepcopy(graphed.model.state_dict())
-    ema_before = copy.deepcopy(graphed.ema.model.state_dict())
-    bad = batch(6).cuda()
-    bad[0, 0, 5, 5] = math.nan
-    metrics = graphed.train_step(bad)
-    assert bool(metrics["skipped"]) and int(metrics["skipped_total"]) == 1
-    for key, value in graphed.model.state_dict().items():
-        assert torch.equal(value, before[key]), key
-    for key, value in graphed.ema.model.state_dict().items():
-        assert torch.equal(value, ema_before[key]), key
-    assert not bool(graphed.train_step(batch(7).cuda())["skipped"])
-
-
 def test_step_counts_loaded_onto_a_gpu_go_back_to_the_cpu():
     """torch's foreach Adamax reads each step count on the host: counts left on a GPU by
     ``map_location`` would cost one sync per parameter per step."""

@@ -289,15 +289,14 @@ class UpSkip(nn.Module):
 
 
 def _bilinear_matrix(n: int, like: torch.Tensor) -> torch.Tensor:
-    """[2n, n]: row o mixes the two inputs around o (n - 1) / (2n - 1) (align_corners)."""
+    """[2n, n]: row o mixes the two inputs around o (n - 1) / (2n - 1) (align_corners).
+    Elementwise ops only: nothing a CUDA-graph capture or deterministic mode refuses."""
     pos = torch.arange(2 * n, device=like.device, dtype=torch.float64) * (n - 1) / max(2 * n - 1, 1)
     low = pos.floor().clamp_max(n - 1)
-    frac = pos - low
+    frac = (pos - low)[:, None]
     high = (low + 1).clamp_max(n - 1)
-    rows = torch.arange(2 * n, device=like.device)
-    m = torch.zeros(2 * n, n, device=like.device, dtype=torch.float64)
-    m.index_put_((rows, low.long()), 1 - frac, accumulate=True)
-    m.index_put_((rows, high.long()), frac, accumulate=True)
+    cols = torch.arange(n, device=like.device, dtype=torch.float64)[None, :]
+    m = (1 - frac) * (cols == low[:, None]) + frac * (cols == high[:, None])
     return m.to(like.dtype)
 
 
