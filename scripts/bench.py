@@ -460,6 +460,9 @@ def main(argv=None) -> int:
             times.pop()
     step_s = statistics.median(times[args.warmup:] or times)
     steady_peak = peak_memory_gib(device) if device.type == "cuda" and args.steps else None
+    if steady_peak is not None:  # a captured step's activations live in its graph's pool,
+        torch.cuda.empty_cache()  # which stays reserved (and is not "allocated" between replays)
+        steady_peak = max(steady_peak, torch.cuda.memory_reserved(device) / 2**30)
     counter = OpCounter()
     with counter:
         trainer.train_step(micro[0])

@@ -78,7 +78,9 @@ def test_a_captured_step_trains_as_the_eager_step(tmp_path, amp):
         torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-2 if half else 1e-4,
                                    atol=1e-3, equal_nan=True, msg=f"step {i}")
     step = graphed.train_step_fn
-    assert taken >= 10 and step.captures == 1 and step._graph is not None
+    # captured after 3 warm-up steps, and again if KL balancing ended later
+    assert taken >= 10 and step._graph is not None
+    assert step.captures == (1 if graphed.schedule.balancing(len(range(i + 1)) - 1) else 2)
     assert_trainers_close(eager, graphed, rtol=1e-3, atol=5e-3 if half else 1e-4)
 
 
