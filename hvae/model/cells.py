@@ -312,7 +312,15 @@ def upsample2x_bilinear_by_matmul(x: torch.Tensor) -> torch.Tensor:
         memory_format=torch.channels_last) and not x.is_contiguous() else out
 
 
-class EncCell(nn.Module):
+class Region(nn.Module):
+    """A repeated unit of the network (a cell, a latent group): the unit that
+    ``--compile regional`` compiles once per class and that activation checkpointing
+    recomputes in backward (``hvae.model.compile.regions``).  A new kind of cell that
+    derives from it joins both fast paths with no other change; the outermost
+    regions are the ones used (a cell inside a latent group is compiled with it)."""
+
+
+class EncCell(Region):
     """Encoder residual cell: BN-Swish-Conv3x3, BN-Swish-Conv3x3, SE.
 
     ``down=True`` makes it a stride-2 cell that doubles the channels, with a
@@ -339,7 +347,7 @@ class EncCell(nn.Module):
         return torch.add(skip, h, alpha=BRANCH_SCALE)
 
 
-class DecCell(nn.Module):
+class DecCell(Region):
     """Decoder (mbconv) residual cell: BN, Conv1x1 expanding the channels,
     BN-Swish, depthwise Conv5x5, BN-Swish, Conv1x1, BN, SE.
 

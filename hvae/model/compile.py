@@ -29,8 +29,7 @@ import torch
 import torch.nn as nn
 
 from hvae.config import COMPILE_MODES as MODES, ConfigError
-from hvae.model.cells import DecCell, EncCell
-from hvae.model.nvae import LatentGroup
+from hvae.model.cells import Region
 
 BACKEND = "inductor"   # tests use "aot_eager" (no code generation)
 RECOMPILE_LIMIT = 64   # variants per compiled function (cell kinds x scales x train/eval x batch sizes)
@@ -53,14 +52,14 @@ def _install(module: nn.Module, name: str, backend: str) -> None:
 
 
 def regions(model: nn.Module) -> list[nn.Module]:
-    """The modules ``regional`` compiles: the outermost encoder cells, decoder cells
-    and latent groups (cells inside a latent group are traced with it)."""
-    kinds = (EncCell, DecCell, LatentGroup)
+    """The modules ``regional`` compiles and checkpointing recomputes: the outermost
+    ``Region``s (encoder cells, decoder cells, latent groups; cells inside a latent
+    group are traced with it)."""
     found, inside = [], set()
     for module in model.modules():
         if id(module) in inside:
             continue
-        if isinstance(module, kinds):
+        if isinstance(module, Region):
             found.append(module)
             inside.update(id(m) for m in module.modules())
     return found

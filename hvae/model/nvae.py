@@ -39,7 +39,7 @@ from hvae.config import Config
 from hvae.distributions import (Bernoulli, DiscMixLogistic, nvae_normal_params, normal_log_prob,
                                 is_channels_last, residual_kl, standard_normal_like)
 from hvae.model.bank import stacked_weights
-from hvae.model.cells import ELU, Conv2d, DecCell, DecCombiner, EncCell, EncCombiner
+from hvae.model.cells import ELU, Conv2d, DecCell, DecCombiner, EncCell, EncCombiner, Region
 from hvae.model.flows import make_flow
 
 OUTPUTS = ("auto", "sample", "mean")
@@ -165,7 +165,7 @@ class NVAEOutput:
         return [t.sum(dim=1) for t in self.log_p_per_channel]
 
 
-class LatentGroup(nn.Module):
+class LatentGroup(Region):
     """One step of the top-down pass (cf. VDVAE's DecBlock): enter the group's
     scale, read the prior, draw z from the posterior (or the prior), combine.
 
