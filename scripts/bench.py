@@ -61,6 +61,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hvae import cli  # noqa: E402
 from hvae.config import parse_args  # noqa: E402
+from hvae.memory import resident_at_backward  # noqa: E402
 from hvae.model import compile as compile_module  # noqa: E402
 from hvae.runtime import Runtime  # noqa: E402
 from hvae.training import Trainer  # noqa: E402
@@ -284,79 +285,6 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-class _LiveStorages(TorchDispatchMode):
-    """Remembers (weakly) the storage of every tensor an op returns; ``live_bytes`` sums
-    those still alive (views share their base's storage, counted once)."""
-
-    def __init__(self):
-        super().__init__()
-        from torch.multiprocessing.reductions import StorageWeakRef
-        self._ref, self.storages = StorageWeakRef, {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                self.storages.setdefault(storage._cdata, (self._ref(storage), storage.nbytes()))
-        return out
-
-    def live_bytes(self) -> int:
-        return sum(n for ref, n in self.storages.values() if not ref.expired())
-
-
-class _BackwardStarts(Exception):
-    """Raised in place of ``backward``: the measurement ends where backward would start."""
-
-
-def resident_at_backward(config) -> dict:
-    """GiB a CUDA device holds when the training step's backward starts (see the module
-    docstring): one real ``TrainStep.forward_backward`` on fake CUDA tensors."""
-    from unittest import mock
-
-    from hvae import objectives
-    from hvae.fake_cuda import fake_cuda
-    from hvae.model import NVAE
-    from hvae.model.remat import enable_activation_checkpointing
-    from hvae.schedules import Schedule
-    from hvae.step import GradSkipper, TrainStep
-
-    def stop(*args, **kwargs):
-        measured["live"] = tracker.live_bytes()
-        raise _BackwardStarts
-
-    # channels-last changes layouts, not sizes (and converting fake parameters fails)
-    # "auto" autocast on a GPU means bf16 (on one without bf16, pass --amp fp16)
-    cfg = config.replace(channels_last=False, amp="bf16" if config.amp == "auto" else config.amp)
-    device, measured = torch.device("cuda"), {}
-    with fake_cuda(), torch.device(device), mock.patch.object(torch.Tensor, "backward", stop):
-        model = NVAE(cfg)
-        enable_activation_checkpointing(model, cfg.activation_checkpointing)
-        spectral = objectives.SpectralRegularizer(model, cfg.num_power_iter)
-        spectral._initialized_on_host = True  # a later step's (its flag is a host read)
-        optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.learning_rate)
-        schedule = Schedule(cfg, total_steps=10**9, lr_warmup_steps=0)  # KL balancing on
-        step = TrainStep(model, model, cfg, Runtime(device=device), schedule, optimizer, spectral,
-                         None, GradSkipper(cfg.grad_skip_factor, device=device),
-                         torch.amp.GradScaler("cuda", enabled=False))
-        x = synthetic_batches(cfg.replace(batch_size=1), 1, "cpu")[0].to(device)
-        x = x.expand(cfg.batch_size, *x.shape[1:]).contiguous()
-        with (tracker := _LiveStorages()):
-            try:
-                step.forward_backward(x, 0)
-            except _BackwardStarts:
-                pass
-    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-    params, buffers = nbytes(model.parameters()), nbytes(model.buffers()) + nbytes(spectral.buffers())
-    parts = {"weights": params + buffers,
-             "ema": (params + buffers) if cfg.ema_decay > 0 else 0,
-             "optimizer": 2 * params,        # Adamax: exp_avg and exp_inf
-             "activations": measured["live"]}  # everything the step made that is still alive
-    gib = {k: round(v / 2**30, 3) for k, v in parts.items()}
-    return {"resident_at_backward_gib": round(sum(parts.values()) / 2**30, 3),
-            "resident_parts_gib": gib, "resident_parts_bytes": parts}
 
 
 def explain_counts(model, x) -> dict:

@@ -287,14 +287,14 @@ def test_cuda_graphs_on_the_cpu_fall_back_to_eager_steps_and_say_why(tmp_path, c
     dict(amp="fp16", num_nf=1, grad_accum_steps=2, batch_size=8),
 ], ids=["fp32", "bf16", "fp16-flows-accumulation"])
 def test_the_sync_free_step_keeps_every_tensor_on_the_gpu(tmp_path, monkeypatch, overrides):
-    """The sync-free step, backward aside, on fake CUDA tensors (``hvae.fake_cuda``),
+    """The sync-free step, backward aside, on fake CUDA tensors (``hvae.memory.fake_cuda``),
     through warm-up, a stand-in capture and replays: an op that meets a CPU tensor (other
     than a plain number) fails, and so does a read of a value.  On the CPU, where every
     tensor is a CPU tensor, the other tests cannot see a tensor left behind on the host."""
     from torch._subclasses.fake_tensor import FakeCopyMode
 
     from hvae import objectives
-    from hvae.fake_cuda import fake_cuda, grad_scaler
+    from hvae.memory import fake_cuda, grad_scaler
     from hvae.model import NVAE
     from hvae.schedules import Schedule
     from hvae.step import EMA, GradSkipper

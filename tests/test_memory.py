@@ -326,10 +326,9 @@ def test_mixture_likelihood_is_recomputed_in_backward_with_identical_gradients()
 # ------------------------------------------------------------ the memory benchmark --
 def test_bench_measures_memory_on_fake_cuda_tensors(tmp_path):
     """The fake-tensor measurement runs without a GPU; checkpointing and bf16 lower it."""
-    from test_bad_input import load_script
-    bench = load_script("bench")
+    from hvae.memory import resident_at_backward
     cfg = tiny(tmp_path, batch_size=32)
-    gib = {(amp, remat): bench.resident_at_backward(cfg.replace(amp=amp, activation_checkpointing=remat))
+    gib = {(amp, remat): resident_at_backward(cfg.replace(amp=amp, activation_checkpointing=remat))
            for amp in ("none", "bf16") for remat in (False, True)}
     parts = gib["none", False]["resident_parts_bytes"]
     assert parts["optimizer"] == pytest.approx(2 * parts["ema"], rel=0.2) and parts["activations"] > 0
