@@ -602,12 +602,12 @@ def inception_extractor(weights: str | os.PathLike | None,
         from pytorch_fid import inception as pf
     except ImportError as err:
         raise EvaluationError("FID needs pytorch-fid: pip install 'hvae[fid]'") from err
-    from unittest import mock
+    from hvae.runtime import patched
 
     def local_weights(*_args, **_kwargs):
         return torch.load(weights, map_location="cpu", weights_only=True)
 
-    with mock.patch.object(pf, "load_state_dict_from_url", local_weights):
+    with patched(pf, "load_state_dict_from_url", local_weights):
         net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
     net = net.to(device).eval()
 

@@ -24,18 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hvae import step as step_module
-from hvae.runtime import AMP_DTYPES, Runtime
-
-
-@contextlib.contextmanager
-def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
-    """``owner.name`` is ``value`` inside the block, and what it was after it."""
-    old = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, old)
+from hvae.runtime import AMP_DTYPES, Runtime, patched
 
 
 @contextlib.contextmanager

@@ -154,6 +154,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+@contextlib.contextmanager
+def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` is ``value`` inside the block, and what it was after it."""
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
 # ---------------------------------------------------------------- randomness
 def seed_everything(seed: int) -> None:
     random.seed(seed)
