@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))  # evaluate.py lives at the repo root
 
 import evaluate as cli  # noqa: E402
 from hvae import evaluation as ev  # noqa: E402
+from hvae.evaluation.sampling import batchnorms  # noqa: E402
 from hvae.checkpoint import load_model, save_checkpoint  # noqa: E402
 from hvae.config import preset  # noqa: E402
 from hvae.data import build_loader  # noqa: E402
@@ -458,7 +459,7 @@ def test_per_group_temperatures_change_exactly_the_named_groups(trained):
 
 def _bn_state(model):
     return [(m.running_mean.clone(), m.running_var.clone(), m.momentum)
-            for m in ev._batchnorms(model)]
+            for m in batchnorms(model)]
 
 
 def test_readjust_bn_changes_stats_restores_mode_and_needs_no_data(trained, monkeypatch):
@@ -469,7 +470,7 @@ def test_readjust_bn_changes_stats_restores_mode_and_needs_no_data(trained, monk
     before = _bn_state(model)
     adjusted = ev.readjust_bn(model, t=0.6, num_batches=3, batch_size=16, seed=0)
     assert adjusted is not model and not adjusted.training
-    assert all(not m.training for m in ev._batchnorms(adjusted))
+    assert all(not m.training for m in batchnorms(adjusted))
     after = _bn_state(adjusted)
     changed = [not torch.equal(a[0], b[0]) for a, b in zip(before, after)]
     assert any(changed), "decoder BN statistics should be re-estimated"
@@ -481,7 +482,7 @@ def test_readjust_bn_changes_stats_restores_mode_and_needs_no_data(trained, monk
     copy_in_train = copy.deepcopy(model).train()
     out = ev.readjust_bn(copy_in_train, t=1.0, num_batches=2, batch_size=8, inplace=True)
     assert out is copy_in_train and copy_in_train.training
-    assert all(m.training for m in ev._batchnorms(copy_in_train))
+    assert all(m.training for m in batchnorms(copy_in_train))
 
 
 def test_readjusted_bn_statistics_are_sample_averages_and_sampling_uses_them(trained):
@@ -490,12 +491,12 @@ def test_readjusted_bn_statistics_are_sample_averages_and_sampling_uses_them(tra
     recorded here from outside; the others keep theirs.  Sampling from the returned
     model normalises with exactly those statistics."""
     model, _, _ = trained
-    bns = ev._batchnorms(model)
+    bns = batchnorms(model)
     adjusted = copy.deepcopy(model)
-    with record_inputs(ev._batchnorms(adjusted)) as seen:
+    with record_inputs(batchnorms(adjusted)) as seen:
         ev.readjust_bn(adjusted, t=0.7, num_batches=3, batch_size=16, seed=0, inplace=True)
     used = 0
-    for bn, new, calls in zip(bns, ev._batchnorms(adjusted), seen):
+    for bn, new, calls in zip(bns, batchnorms(adjusted), seen):
         if not calls:
             assert torch.equal(bn.running_mean, new.running_mean)
             assert torch.equal(bn.running_var, new.running_var)
@@ -516,7 +517,7 @@ def test_readjusted_bn_statistics_are_sample_averages_and_sampling_uses_them(tra
                                                   bn.weight, bn.bias, False, 0.0, bn.eps)
         normalised.append(torch.allclose(output, expected, rtol=1e-5, atol=1e-5))
 
-    handles = [bn.register_forward_hook(check) for bn in ev._batchnorms(adjusted)]
+    handles = [bn.register_forward_hook(check) for bn in batchnorms(adjusted)]
     try:
         images = ev.generate(adjusted, 8, 0.7, seed=1)
     finally:

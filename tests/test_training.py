@@ -418,7 +418,9 @@ def test_ctrl_c_inside_the_optimizer_step_stops_cleanly_and_resumes_exactly(
 def test_sigterm_during_the_final_evaluation_resumes_to_the_same_result(
         tmp_path, digit_folder, uninterrupted, monkeypatch):
     import signal
-    real_iw = ev.iw_log_px
+
+    from hvae.evaluation import likelihood
+    real_iw = likelihood.iw_log_px
 
     def inject(trainer, signum):
         def iw_with_signal(*args, **kwargs):
@@ -426,7 +428,7 @@ def test_sigterm_during_the_final_evaluation_resumes_to_the_same_result(
                 iw_with_signal.sent = True
                 os.kill(os.getpid(), signum)
             return real_iw(*args, **kwargs)
-        monkeypatch.setattr(ev, "iw_log_px", iw_with_signal)
+        monkeypatch.setattr(likelihood, "iw_log_px", iw_with_signal)
 
     cfg, stopped_at, summary = _interrupt_and_resume(tmp_path, digit_folder, signal.SIGTERM, inject)
     assert stopped_at == 7
