@@ -165,6 +165,49 @@ class NVAEOutput:
         return [t.sum(dim=1) for t in self.log_p_per_channel]
 
 
+def posterior_step(q_raw_mu: torch.Tensor, q_raw_log_sigma: torch.Tensor,
+                   p_raw_mu: torch.Tensor, p_raw_log_sigma: torch.Tensor, draw, flow,
+                   context: torch.Tensor, analytic_kl: bool = True) -> GroupStats:
+    """One latent group's distributions, sample and KL from its networks' raw outputs:
+    the function to replace for another posterior or prior family.
+
+    NVAE's Normals: mu = 5 tanh(raw / 5), sigma = exp(5 tanh(raw / 5)) + 0.01
+    (``nvae_normal_params``); the residual form is already in the raw posterior
+    outputs (the caller adds the prior's).  ``draw(like)`` gives N(0, 1) noise shaped
+    like ``like`` (None: take the posterior mean).  ``flow`` (or None) maps z and
+    returns its log-det.  ``analytic_kl`` asks for the closed-form KL (Eq. 2 of the
+    effective parameters); with a flow the KL is the Monte-Carlo log q(z) - log p(z).
+    """
+    q_mu, q_log_sigma = nvae_normal_params(q_raw_mu, q_raw_log_sigma)
+    p_mu, p_log_sigma = nvae_normal_params(p_raw_mu, p_raw_log_sigma)
+    # z = mu + sigma * eps, so log q(z) = -eps^2 / 2 - log sigma - log(2 pi) / 2
+    # needs no (z - mu) / sigma and keeps no extra tensors for backward.
+    if draw is None:
+        z, neg_log_q = q_mu, q_log_sigma
+    else:
+        eps = draw(q_mu)
+        z = torch.addcmul(q_mu, torch.exp(q_log_sigma), eps)
+        neg_log_q = torch.addcmul(q_log_sigma, eps, eps, value=0.5)
+    log_det = None
+    if flow is not None:
+        z, log_det = flow(z, context)                                # log_det [B, L]
+    analytic = analytic_kl and flow is None
+    # log q / log p carry gradients only where they form the KL.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not analytic):
+        log_p_el = normal_log_prob(z, p_mu, p_log_sigma)
+        log_q_el = -(neg_log_q + HALF_LOG_2PI)
+        log_p, log_q = log_p_el.sum(dim=(2, 3)), log_q_el.sum(dim=(2, 3))  # [B, L]
+    if log_det is not None:
+        log_q = log_q - log_det
+    if analytic:
+        kl = residual_kl(q_mu - p_mu, q_log_sigma - p_log_sigma, p_log_sigma)
+        kl, log_q = kl.sum(dim=(2, 3)), log_q.detach()
+    else:  # log q - log p, differenced per element (two large sums would lose digits)
+        kl = (log_q_el - log_p_el).sum(dim=(2, 3))
+        kl = kl if log_det is None else kl - log_det
+    return GroupStats(z, kl, log_q, log_p, q_mu, q_log_sigma, p_mu, p_log_sigma)
+
+
 class LatentGroup(Region):
     """One step of the top-down pass (cf. VDVAE's DecBlock): enter the group's
     scale, read the prior, draw z from the posterior (or the prior), combine.
@@ -210,47 +253,21 @@ class LatentGroup(Region):
         """Posterior step: (next decoder state, this group's tensors).
 
         As in NVAE, the residual posterior is the Normal of the *sums* of the raw
-        prior and raw posterior outputs (clamped after adding), and every sigma
-        has the 0.01 floor (``nvae_normal_params``).  The stored log sigmas are
-        those of the effective sigmas, so log q, log p, the KL and sampling all
-        use one Normal.  ``analytic_kl`` asks for the closed-form KL (Eq. 2 of
-        the effective parameters); a group with flows always uses the
-        Monte-Carlo estimate log q(z) - log p(z).
+        prior and raw posterior outputs (clamped after adding, in ``posterior_step``,
+        which does the distributions' arithmetic), and every sigma has the 0.01
+        floor.  The stored log sigmas are those of the effective sigmas, so log q,
+        log p, the KL and sampling all use one Normal.
         """
         state, p_raw_mu, p_raw_log_sigma = self._enter(state)
         context = enc_feature if self.top else self.enc_combiner(enc_feature, state)
         q_raw_mu, q_raw_log_sigma = raw_normal_params(self.posterior(context))
         if self.residual:  # the raw deltas add to the raw prior outputs
             q_raw_mu, q_raw_log_sigma = p_raw_mu + q_raw_mu, p_raw_log_sigma + q_raw_log_sigma
-        q_mu, q_log_sigma = nvae_normal_params(q_raw_mu, q_raw_log_sigma)
-        p_mu, p_log_sigma = nvae_normal_params(p_raw_mu, p_raw_log_sigma)
-        # z = mu + sigma * eps, so log q(z) = -eps^2 / 2 - log sigma - log(2 pi) / 2
-        # needs no (z - mu) / sigma and keeps no extra tensors for backward.
-        if use_mean:
-            z, neg_log_q = q_mu, q_log_sigma
-        else:
-            eps = standard_normal_like(q_mu) if self.noise_tape is None else self.noise_tape(q_mu)
-            z = torch.addcmul(q_mu, torch.exp(q_log_sigma), eps)
-            neg_log_q = torch.addcmul(q_log_sigma, eps, eps, value=0.5)
-        log_det = None
-        if self.flow is not None:
-            z, log_det = self.flow(z, context)                           # log_det [B, L]
-        analytic = analytic_kl and self.flow is None
-        # log q / log p carry gradients only where they form the KL.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not analytic):
-            log_p_el = normal_log_prob(z, p_mu, p_log_sigma)
-            log_q_el = -(neg_log_q + HALF_LOG_2PI)
-            log_p, log_q = log_p_el.sum(dim=(2, 3)), log_q_el.sum(dim=(2, 3))  # [B, L]
-        if log_det is not None:
-            log_q = log_q - log_det
-        if analytic:
-            kl = residual_kl(q_mu - p_mu, q_log_sigma - p_log_sigma, p_log_sigma)
-            kl, log_q = kl.sum(dim=(2, 3)), log_q.detach()
-        else:  # log q - log p, differenced per element (two large sums would lose digits)
-            kl = (log_q_el - log_p_el).sum(dim=(2, 3))
-            kl = kl if log_det is None else kl - log_det
-        stats = GroupStats(z, kl, log_q, log_p, q_mu, q_log_sigma, p_mu, p_log_sigma)
-        return self.combiner(state, z), stats
+        draw = None if use_mean else (
+            standard_normal_like if self.noise_tape is None else self.noise_tape)
+        stats = posterior_step(q_raw_mu, q_raw_log_sigma, p_raw_mu, p_raw_log_sigma, draw,
+                               self.flow, context, analytic_kl)
+        return self.combiner(state, stats.z), stats
 
     def sample(self, state: torch.Tensor, t: float = 1.0, z: torch.Tensor | None = None
                ) -> torch.Tensor:
