@@ -290,14 +290,25 @@ def nelbo(recon: Tensor, kl_groups) -> Tensor:
 
 @dataclass
 class Loss:
-    """``loss`` is the only field attached to the graph; everything else is detached."""
+    """One batch's loss: ``loss`` is the only field attached to the graph.
+
+    The reported terms (detached) live in two dicts that the step, the micro-batch
+    accumulation and the logged metrics iterate over, so a new term is one entry here:
+    ``per_image`` holds [B] tensors (logged as batch means, concatenated over
+    micro-batches), ``summary`` batch summaries (logged as they are: scalars, or one
+    value per group; averaged over micro-batches by their images).  ``reg``, the
+    regulariser term, is added once per update, so it is kept apart.  The terms read as
+    attributes too (``loss.nelbo``)."""
     loss: Tensor                # scalar to back-propagate
-    nelbo: Tensor               # [B] nats per image, KL weight 1, no free bits, no regulariser
-    recon: Tensor               # [B] -log p(x|z)
-    kl_groups: Tensor           # [G] batch-mean KL per group
-    kl_coeffs: Tensor           # [G] balancing coefficients (all 1 when inactive)
-    kl_term: Tensor             # scalar: batch mean of the weighted KL actually in the loss
     reg: Tensor                 # scalar: the regulariser term added to the loss
+    per_image: dict[str, Tensor]
+    summary: dict[str, Tensor]
+
+    def __getattr__(self, name: str) -> Tensor:
+        for terms in (self.__dict__.get("per_image", {}), self.__dict__.get("summary", {})):
+            if name in terms:
+                return terms[name]
+        raise AttributeError(name)
 
 
 def compute_loss(recon: Tensor, kl_groups, *, kl_weight: float,
@@ -316,9 +327,12 @@ def compute_loss(recon: Tensor, kl_groups, *, kl_weight: float,
     kl_term = kl_weight * free_bits_kl(kl, coeffs, free_bits)
     objective = (recon + kl_term).mean()
     reg = objective.new_zeros(()) if reg is None else reg.to(objective.device)
-    return Loss(loss=objective + reg, nelbo=nelbo(recon, kl).detach(), recon=recon.detach(),
-                kl_groups=kl.detach().mean(dim=0), kl_coeffs=coeffs.detach(),
-                kl_term=kl_term.mean().detach(), reg=reg.detach())
+    per_image = {"nelbo": nelbo(recon, kl).detach(),  # KL weight 1, no free bits, no regulariser
+                 "recon": recon.detach()}             # -log p(x|z)
+    summary = {"kl_groups": kl.detach().mean(dim=0),  # [G] batch-mean KL per group
+               "kl_coeffs": coeffs.detach(),          # [G] balancing coefficients (1 when off)
+               "kl_term": kl_term.mean().detach()}    # the weighted KL actually in the loss
+    return Loss(loss=objective + reg, reg=reg.detach(), per_image=per_image, summary=summary)
 
 
 # ----------------------------------------------------------- active units

@@ -137,15 +137,16 @@ class StepValues:
 
 def _combine(parts: list[tuple[objectives.Loss, dict]], weights: list[float]
              ) -> tuple[objectives.Loss, dict]:
-    """One step's loss and terms from its micro-batches' (image-weighted means; the
-    regulariser, computed on the last micro-batch only, counted once)."""
+    """One step's loss and terms from its micro-batches' (per-image terms concatenated,
+    summaries averaged by images; the regulariser, computed on the last micro-batch
+    only, counted once)."""
     losses = [p[0] for p in parts]
-    mean = lambda name: sum(w * getattr(l, name) for w, l in zip(weights, losses))  # noqa: E731
     reg = losses[-1].reg
-    loss = dataclasses.replace(
-        losses[-1], loss=sum(w * (l.loss.detach() - l.reg) for w, l in zip(weights, losses)) + reg,
-        nelbo=torch.cat([l.nelbo for l in losses]), recon=torch.cat([l.recon for l in losses]),
-        kl_groups=mean("kl_groups"), kl_coeffs=mean("kl_coeffs"), kl_term=mean("kl_term"))
+    loss = objectives.Loss(
+        loss=sum(w * (l.loss.detach() - l.reg) for w, l in zip(weights, losses)) + reg, reg=reg,
+        per_image={k: torch.cat([l.per_image[k] for l in losses]) for k in losses[-1].per_image},
+        summary={k: sum(w * l.summary[k] for w, l in zip(weights, losses))
+                 for k in losses[-1].summary})
     return loss, parts[-1][1]
 
 
@@ -225,11 +226,10 @@ class TrainStep:
 
     def metrics(self, loss: objectives.Loss, reg: dict, values: StepValues, norm: torch.Tensor
                 ) -> dict:
-        return {"loss": loss.loss.detach(), "nelbo": loss.nelbo.mean(),
-                "recon": loss.recon.mean(),
+        return {"loss": loss.loss.detach(),
+                **{name: term.mean() for name, term in loss.per_image.items()}, **loss.summary,
                 "bpd": objectives.bits_per_dim(loss.nelbo.mean(), self.model.data_dims),
                 "kl": loss.kl_groups.sum(), "kl_weight": values.kl_weight,
-                "kl_groups": loss.kl_groups, "kl_coeffs": loss.kl_coeffs,
                 "reg": loss.reg, **reg, "lr": values.lr, "grad_norm": norm}
 
     def forward_backward(self, x: torch.Tensor, step: int | StepValues, weight: float = 1.0,

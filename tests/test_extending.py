@@ -2,13 +2,25 @@
 
 - a cell kind: derive from ``hvae.model.cells.Region`` and it is compiled by
   ``--compile regional`` and recomputed by ``--activation_checkpointing``;
+- a loss term: an entry of ``Loss.per_image`` (or ``Loss.summary``) in
+  ``hvae.objectives.compute_loss`` reaches the loss, micro-batch accumulation and the
+  logged metrics;
+- a dataset: one ``hvae.data.register_dataset`` call.
 """
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
+
+from hvae import objectives
+from hvae.config import preset
+from hvae.runtime import Runtime
+from hvae.training import Trainer
 
 from hvae.model import compile as compile_module
 from hvae.model.cells import Region
@@ -52,3 +64,34 @@ def test_a_new_cell_kind_is_compiled_and_recomputed_without_naming_it(monkeypatc
         model(x).square().sum().backward()
     for p, q in zip(plain.parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_a_new_loss_term_reaches_the_loss_and_the_logged_metrics(tmp_path, monkeypatch):
+    """The one edit: compute_loss adds a per-image term to its objective and to
+    ``per_image`` (done here by wrapping it).  Training with 2 micro-batches per step
+    then back-propagates it and logs it, with no change to the step or the logger."""
+    from test_training import TINY, bernoulli_batch
+    real = objectives.compute_loss
+
+    def with_top_penalty(recon, kl_groups, **kwargs):
+        loss = real(recon, kl_groups, **kwargs)
+        penalty = 0.5 * objectives._stack_groups(kl_groups)[:, 0]  # [B]: the top group's KL
+        loss.loss = loss.loss + penalty.mean()
+        loss.per_image["top_penalty"] = penalty.detach()
+        return loss
+
+    monkeypatch.setattr(objectives, "compute_loss", with_top_penalty)
+    images = torch.cat([bernoulli_batch(16, seed=i) for i in range(4)])
+    loader = torch.utils.data.DataLoader(images, batch_size=8, drop_last=True)
+    cfg = preset("demo", out=str(tmp_path / "runs"), **{**TINY, "batch_size": 8,
+                                                          "grad_accum_steps": 2, "max_steps": 2})
+    trainer = Trainer(cfg, Runtime(), progress=False, loaders=(loader, loader))
+    trainer.fit()
+    rows = [json.loads(line) for line in
+            (Path(cfg.out) / cfg.run_name / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert len(train_rows) == 2
+    for r in train_rows:
+        assert r["top_penalty"] > 0
+        assert r["loss"] == pytest.approx(r["recon"] + r["kl_term"] + r["top_penalty"] + r["reg"],
+                                          rel=1e-4)
