@@ -292,6 +292,10 @@ def test_chunks_keep_each_image_with_its_own_weights(trained):
     res = ev.iw_log_likelihood(fixed, [x], num_samples=6, chunk=4, progress=False)
     assert res["nelbo_nats"] == pytest.approx(nelbo.mean().item(), rel=1e-6)
     assert res["nll_nats"] == pytest.approx(-log_w.mean().item(), rel=1e-6)
+    # the standard errors of the two means over the images
+    n = log_w.numel()
+    assert res["nll_stderr_nats"] == pytest.approx(log_w.std().item() / n ** 0.5, rel=1e-5)
+    assert res["nelbo_stderr_nats"] == pytest.approx(nelbo.std().item() / n ** 0.5, rel=1e-4)
 
 
 def _scalar_latent_flow_model():

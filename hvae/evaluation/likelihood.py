@@ -84,6 +84,7 @@ def iw_log_likelihood(model: nn.Module, loader: Iterable, num_samples: int,
     """
     device = torch.device(device) if device is not None else model_device(model)
     nll_sum = nelbo_sum = count = 0.0
+    nll_sq = nelbo_sq = 0.0  # sums of squares, for the standard errors of the means
     distributed = distributed and is_distributed()
     show = progress and (not distributed or dist.get_rank() == 0)
     bar = tqdm(total=_loader_size(loader, max_batches), unit="img",
@@ -97,20 +98,33 @@ def iw_log_likelihood(model: nn.Module, loader: Iterable, num_samples: int,
             log_px, nelbo = iw_log_px(model, x, num_samples, chunk)
             nll_sum -= log_px.sum().item()
             nelbo_sum += nelbo.sum().item()
+            nll_sq += log_px.double().square().sum().item()
+            nelbo_sq += nelbo.double().square().sum().item()
             count += x.shape[0]
             bar.update(x.shape[0])
             bar.set_postfix(nll=f"{nll_sum / count:.3f}")
             if between is not None:
                 between()
     if distributed:
-        nll_sum, nelbo_sum, count = all_reduce_sum([nll_sum, nelbo_sum, count], device)
+        nll_sum, nelbo_sum, count, nll_sq, nelbo_sq = all_reduce_sum(
+            [nll_sum, nelbo_sum, count, nll_sq, nelbo_sq], device)
     if count == 0:
         raise EvaluationError("the loader yielded no images")
     dims = model.data_dims
     nll, nelbo = nll_sum / count, nelbo_sum / count
-    return dict(nll_nats=nll, nll_bpd=bits_per_dim(nll, dims), nelbo_nats=nelbo,
-                nelbo_bpd=bits_per_dim(nelbo, dims), num_images=int(count),
-                num_samples=int(num_samples))
+    return dict(nll_nats=nll, nll_bpd=bits_per_dim(nll, dims),
+                nll_stderr_nats=_standard_error(nll_sq, nll, count), nelbo_nats=nelbo,
+                nelbo_bpd=bits_per_dim(nelbo, dims),
+                nelbo_stderr_nats=_standard_error(nelbo_sq, nelbo, count),
+                num_images=int(count), num_samples=int(num_samples))
+
+
+def _standard_error(sum_sq: float, mean: float, count: float) -> float:
+    """Standard error of a mean over ``count`` images, from the sum of their squares."""
+    if count < 2:
+        return float("nan")
+    variance = max(sum_sq / count - mean * mean, 0.0) * count / (count - 1)
+    return math.sqrt(variance / count)
 
 
 def _loader_size(loader, max_batches: int = 0) -> int | None:
