@@ -228,6 +228,24 @@ def test_lower_median_is_nanmedian():
         values = values[torch.randperm(n, generator=g)]
         torch.testing.assert_close(lower_median(values), torch.nanmedian(values), equal_nan=True,
                                    rtol=0, atol=0)
+        if valid:  # the skipper's padding, +inf, counts as empty too
+            padded = torch.where(values.isnan(), math.inf, values)
+            assert torch.equal(lower_median(padded), torch.nanmedian(values))
+
+
+def test_grad_skipper_history_is_inf_padded_and_reads_nan_padded_checkpoints():
+    skipper = GradSkipper(factor=10, history=4, warmup=1)
+    assert torch.equal(skipper.norms, torch.full((4,), math.inf))
+    norm = torch.tensor(2.0)
+    skipper.record(norm, skipper.decide(norm, torch.tensor(1.0)))
+    state = skipper.state_dict()
+    assert torch.equal(state["norms"], torch.tensor([2.0, math.inf, math.inf, math.inf]))
+    old = {**state, "norms": torch.tensor([2.0, math.nan, math.nan, math.nan])}  # older layout
+    restored = GradSkipper(factor=10, history=4, warmup=1)
+    restored.load_state_dict(old)
+    assert torch.equal(restored.norms, state["norms"])
+    assert bool(restored.decide(torch.tensor(21.0), torch.tensor(1.0)))  # 21 > 10 x 2
+    assert not bool(restored.decide(torch.tensor(19.0), torch.tensor(1.0)))
 
 
 def test_truncated_checkpoint_gives_a_clear_error_and_keeps_the_best(tmp_path):
