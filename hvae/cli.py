@@ -16,6 +16,7 @@ here imports torch at module level, so argument errors stay instant.
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import os
 import sys
@@ -68,10 +69,57 @@ def entry_point(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, ``prog: error: message`` (no usage dump: a
-    usage line of every config flag would bury the message), exit code 2."""
+    usage line of every config flag would bury the message), exit code 2.
+
+    Options must be spelt in full: argparse's abbreviations are off, so a mistyped
+    ``--num_latent`` is an error that names the flags it may have meant, not silently
+    ``--num_latent_scales`` or ``--num_latent_per_group``."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        args = list(sys.argv[1:] if args is None else args)
+        unknown = [a for a in args[:args.index("--") if "--" in args else None]
+                   if self._is_unknown_option(a)]
+        if unknown:  # reported first: a missing required flag may be the one mistyped
+            self.error(unknown_options(self, unknown))
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+    def _is_unknown_option(self, arg: str) -> bool:
+        """Whether argparse would read ``arg`` as an option it does not have."""
+        if len(arg) < 2 or arg[0] not in self.prefix_chars or " " in arg:
+            return False
+        try:
+            float(arg)  # a negative number is a value
+            return False
+        except ValueError:
+            return arg.split("=", 1)[0] not in self._option_string_actions
 
     def error(self, message: str) -> NoReturn:
         fail(self.prog, message)
+
+
+def unknown_options(parser: argparse.ArgumentParser, options: list[str]) -> str:
+    """The message for ``options`` that ``parser`` does not have, each with the options it
+    may have meant: those it begins, else the closest spelling (dashes and underscores
+    count as the same)."""
+    spelling: dict[str, str] = {}  # normalised name -> the option's first long spelling
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--"):
+                spelling.setdefault(option[2:].replace("-", "_"), option)
+    hints = []
+    for option in (o.split("=", 1)[0] for o in options):
+        name = option.lstrip("-").replace("-", "_")
+        meant = ([key for key in spelling if key.startswith(name)][:3]
+                 or difflib.get_close_matches(name, spelling, n=1))
+        hints.append(option + (f" (did you mean {' or '.join(spelling[m] for m in meant)}?)"
+                               if meant else ""))
+    return f"unknown option{'s' if len(hints) > 1 else ''}: {', '.join(hints)}"
 
 
 # ------------------------------------------------------------ argument types

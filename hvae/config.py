@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
+from hvae import cli
 from hvae.errors import HvaeError
 
 DATASETS = ("mnist_subset", "mnist", "cifar10", "celeba64", "imagenet32",
@@ -374,16 +375,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
                ) -> tuple[Config, argparse.Namespace]:
-    """Parse a command line into (Config, namespace). Typos exit with a 'did you mean'."""
-    parser = add_config_args(parser or argparse.ArgumentParser())
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        names = [u.split("=")[0].lstrip("-").replace("-", "_") for u in unknown if u.startswith("--")]
-        hints = []
-        for n in names or unknown:
-            close = difflib.get_close_matches(n, _FIELDS, n=1)
-            hints.append(f"{n!r}" + (f" (did you mean --{close[0]}?)" if close else ""))
-        parser.error(f"unknown option(s): {', '.join(hints)}")
+    """Parse a command line into (Config, namespace).  ``parser`` (default: a new one)
+    is an ``hvae.cli.ArgumentParser``: flags are spelt in full, typos exit with a
+    'did you mean'."""
+    parser = add_config_args(parser or cli.ArgumentParser())
+    if not isinstance(parser, cli.ArgumentParser):
+        raise TypeError("parse_args needs an hvae.cli.ArgumentParser (flags spelt in full)")
+    args = parser.parse_args(argv)
     try:
         return config_from_args(args), args
     except ConfigError as err:

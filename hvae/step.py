@@ -61,11 +61,12 @@ class EMA:
 
 
 def lower_median(values: torch.Tensor) -> torch.Tensor:
-    """The lower median of the non-NaN entries of a 1-d tensor (NaN if there are none),
-    computed on the device: a sort (NaN sorts last) and one gather, nothing a CUDA-graph
-    capture forbids.  Equal to ``torch.nanmedian``."""
+    """The lower median of the finite entries of a 1-d tensor (its smallest entry, +inf
+    or NaN, if there are none), computed on the device: a sort (+inf, then NaN, sort
+    last) and one gather, nothing a CUDA-graph capture forbids.  Equal to
+    ``torch.nanmedian`` for finite values padded with NaN."""
     ordered = values.sort().values
-    middle = ((~values.isnan()).sum() - 1).clamp_min(0) // 2
+    middle = (values.isfinite().sum() - 1).clamp_min(0) // 2
     return ordered.gather(0, middle.view(1)).squeeze(0)
 
 
@@ -78,13 +79,16 @@ class GradSkipper:
     norms, once ``warmup`` of them exist.  The threshold cannot stall
     training: after ``patience`` consecutive outliers the next one is
     accepted, so the history follows a real change of scale.  State lives in
-    device tensors (a NaN-padded ring of norms), so deciding needs no sync.
+    device tensors, so deciding needs no sync: a ring of the last accepted norms, its
+    empty slots +inf (never a recorded norm: a non-finite norm is always skipped).  Not
+    NaN: a saved history then equals itself (NaN != NaN), so a resumed run's history
+    can be checked against an uninterrupted one's with ``torch.equal``.
     """
 
     def __init__(self, factor: float, enabled: bool = True, history: int = 100,
                  warmup: int = 20, patience: int = 5, device: torch.device | str = "cpu"):
         self.factor, self.enabled, self.warmup, self.patience = factor, enabled, warmup, patience
-        self.norms = torch.full((history,), math.nan, device=device)
+        self.norms = torch.full((history,), math.inf, device=device)
         self._positions = torch.arange(history, device=device)
         self.accepted = torch.zeros((), dtype=torch.long, device=device)   # norms written so far
         self.consecutive = torch.zeros((), dtype=torch.long, device=device)
@@ -114,6 +118,7 @@ class GradSkipper:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name in ("norms", "accepted", "consecutive", "skipped"):
             getattr(self, name).copy_(state[name])
+        self.norms.nan_to_num_(nan=math.inf, posinf=math.inf)  # older checkpoints: NaN-padded
 
 
 @dataclasses.dataclass(frozen=True)

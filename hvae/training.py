@@ -353,7 +353,8 @@ class Trainer:
             save_image(images, self.run_dir / f"samples_t{t:.1f}.png", nrow=nrow)
             self.logger.add_image(f"samples/t{t:.1f}", make_grid(images, nrow=nrow), self.step)
         x = ev.evenly_spaced(self.test_loader.dataset, IMAGES_PER_GRID // 2).to(self.runtime.device)
-        recons = ev.reconstruct(model, x)["recons"]  # rows 1, 3, ...: inputs; 2, 4, ...: recons
+        with ev.seeded(self.config.seed, self.runtime.device):  # the run's RNG stays untouched
+            recons = ev.reconstruct(model, x)["recons"]  # rows 1, 3, ...: inputs; 2, 4, ...: recons
         grid = ev.interleave_rows(x.float().cpu(), recons.cpu(), nrow=nrow)
         save_image(grid, self.run_dir / "reconstructions.png", nrow=nrow)
         self.logger.add_image("reconstructions", make_grid(grid, nrow=nrow), self.step)

@@ -13,7 +13,7 @@ sweep folder (default ``runs/kl_ablation_<preset>``):
     runs/<variant>-s<seed>/ the run folders (checkpoint.pt, metrics.jsonl, images)
     results/<run>.json      written when a run has finished; its presence = done
     results.csv/.md         one row per variant (mean and std over seeds), runs.csv
-    kl_per_group.png  active_units.png  nelbo_curves.png
+    kl_per_group.png  active_units.png  nelbo_curves.png  (plots: pip install 'hvae[plots]')
 
 Budget: ``--budget-minutes M`` is the training time of ONE run.  The script times
 a few real training steps of the ``full`` variant (hvae.training.Trainer on the
@@ -355,7 +355,12 @@ def markdown_table(rows: list[dict], sweep: dict) -> str:
 
 
 def write_plots(rows: list[dict], results: list[dict], sweep_dir: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the tables are written all the same
+        print(f"{PROG}: plots not drawn: they need matplotlib: pip install 'hvae[plots]'",
+              file=sys.stderr, flush=True)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     grouped_bars(plt, rows, "kl_groups", "test KL per group (nats)",

@@ -15,7 +15,6 @@ A mutant is *killed* when at least one of its tests fails.  See notes/MUTATION.m
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from hvae import cli  # noqa: E402
 
 
 @dataclass
@@ -243,7 +244,7 @@ def run_tests(tree: Path, tests: list[str], timeout: int) -> tuple[int, list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="mutation_check.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="", help="comma-separated mutant names")
     p.add_argument("--list", action="store_true")
     p.add_argument("--ref", default=None, help="mutate this commit's files instead of the work tree")

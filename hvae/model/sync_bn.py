@@ -12,7 +12,8 @@ per-channel sums suffices::
 with S1 and S2 the sums of d and d^2 over every rank's batch, n their count, and K the
 layer's running mean (the same on every rank: DDP broadcasts buffers), which keeps
 the subtraction free of cancellation.  The all-reduce is differentiable (its
-backward all-reduces the gradient), so autograd gives the whole batch's gradient.
+backward all-reduces the gradient, ``AllReduceSum``), so autograd gives the whole
+batch's gradient.
 """
 from __future__ import annotations
 
@@ -22,6 +23,22 @@ import torch.distributed._functional_collectives as collectives
 import torch.nn as nn
 
 from hvae.model.cells import count_batch
+
+
+class AllReduceSum(torch.autograd.Function):
+    """The sum of ``x`` over the ranks of ``group``; its gradient, the sum of the ranks'
+    gradients.  Written out: torch's functional all-reduce has a gradient of its own only
+    in recent releases, and older ones drop it without a word."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return collectives.wait_tensor(collectives.all_reduce(x, "sum", group))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        summed = collectives.all_reduce(grad.contiguous(), "sum", ctx.group)
+        return collectives.wait_tensor(summed), None
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -51,8 +68,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         d = x.float() - shift.view(shape)
         count = torch.full((1,), x.numel() // c, dtype=torch.float32, device=x.device)
         group = self.process_group or dist.group.WORLD
-        sums = collectives.all_reduce(  # differentiable: its backward all-reduces the gradient
-            torch.cat([d.sum((0, 2, 3)), d.square().sum((0, 2, 3)), count]), "sum", group)
+        sums = AllReduceSum.apply(
+            torch.cat([d.sum((0, 2, 3)), d.square().sum((0, 2, 3)), count]), group)
         n = sums[2 * c]
         offset = sums[:c] / n
         var = (sums[c:2 * c] / n - offset.square()).clamp_min(0)
