@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="continue a run exactly where it stopped (default: the run "
                              "folder's checkpoint.pt); flags given now override its config")
+    parser.add_argument("--overwrite", nargs="?", const=True, default=False, type=cli.boolean,
+                        metavar="BOOL", help="start a new run in a run folder that holds "
+                        "another run, removing its checkpoints, metrics and images first")
     parser.add_argument("--device", default=None, type=cli.DEVICE,
                         help="e.g. cpu, cuda, cuda:1 (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from hvae.training import train
 
     try:
-        summary = train(config, resume=resume, progress=not args.no_progress, device=args.device)
+        summary = train(config, resume=resume, progress=not args.no_progress, device=args.device,
+                        overwrite=args.overwrite)
     except Interrupted as stop:  # SIGTERM / Ctrl-C: the checkpoint is already saved
         return stop.exit_code
     if summary and "test_nelbo" in summary:  # rank 0 holds the results

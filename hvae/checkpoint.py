@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from hvae.errors import HvaeError
+from hvae.run_folder import temp_prefix
 from hvae.runtime import rng_state, seed_everything, set_rng_state
 
 FORMAT = "hvae-checkpoint-v1"
@@ -29,14 +30,13 @@ class CheckpointError(HvaeError, RuntimeError):
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` via a temporary file and an atomic rename.
 
-    A crash mid-write leaves the previous checkpoint at ``path`` untouched;
-    temporary files left by a killed earlier write are removed first.
+    A crash mid-write leaves the previous checkpoint at ``path`` untouched.  The
+    temporary file's name carries this process's pid: only its writer removes it
+    (and, after a crash, the next run that owns the folder: ``hvae.run_folder``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)

@@ -33,15 +33,16 @@ from hvae import evaluation as ev
 from hvae import objectives
 from hvae.checkpoint import Checkpointer
 from hvae.config import Config, ConfigError
-from hvae.errors import HvaeError
+from hvae.errors import RunFailed
 from hvae.graphed_step import SyncFreeStep, graph_blockers, side_stream
 from hvae.logger import MetricsLogger
 from hvae.model import NVAE
 from hvae.model.compile import compile_model
 from hvae.model.remat import enable_activation_checkpointing
 from hvae.model.sync_bn import convert_sync_batchnorm
+from hvae.run_folder import claim_run_folder
 from hvae.runtime import (Interrupted, Runtime, StopSignals, configure_backends, init_runtime,
-                          runtime_session, seed_everything)
+                          interrupt_on_signals, runtime_session, seed_everything)
 from hvae.schedules import Schedule
 from hvae.step import EMA, GradSkipper, TrainStep
 
@@ -65,8 +66,8 @@ class SkipBatches(torch.utils.data.Sampler):
         return max(len(self.sampler) - self.skip, 0)
 
 
-class TrainingDiverged(HvaeError, RuntimeError):
-    """The weights became non-finite: the run cannot continue from here."""
+class TrainingDiverged(RunFailed, RuntimeError):
+    """The weights became non-finite: the run cannot continue from here (exit code 1)."""
 
 
 class Trainer:
@@ -275,11 +276,11 @@ class Trainer:
         non-finite (every later step would be skipped and the run would 'succeed')."""
         if not self.train_step_fn.weights_are_finite():
             last = self.run_dir / "checkpoint.pt"
+            clip = "" if self.config.grad_clip else " or set --grad_clip"  # only when it is off
             raise TrainingDiverged(
                 f"the weights became non-finite at or before step {self.step} (learning rate "
                 f"{self.schedule.learning_rate(self.step - 1):.3g}); the last good checkpoint is "
-                f"{last if last.exists() else 'not written yet'}: lower --learning_rate or "
-                "set --grad_clip")
+                f"{last if last.exists() else 'not written yet'}: lower --learning_rate{clip}")
 
     def _save_checked(self, name: str = "checkpoint.pt") -> None:
         """Save, but never weights that are no longer finite."""
@@ -355,10 +356,24 @@ class Trainer:
 
 
 def train(config: Config, resume: str | os.PathLike | None = None, progress: bool = True,
-          stop_at_step: int | None = None, device: str | None = None) -> dict[str, Any]:
-    """Train ``config`` (under torchrun when launched so) and return the final metrics."""
-    with runtime_session(device) as runtime:
-        trainer = Trainer(config, runtime, resume=resume, progress=progress)
+          stop_at_step: int | None = None, device: str | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Train ``config`` (under torchrun when launched so) and return the final metrics.
+
+    The run folder is owned while training (``hvae.run_folder``, rank 0): a new run
+    refuses a folder that holds another run unless ``overwrite``, and a second live
+    process is kept out."""
+    run_dir = Path(config.out) / config.run_name
+    with runtime_session(device) as runtime, \
+            (claim_run_folder(run_dir, resume, overwrite) if runtime.is_main
+             else contextlib.nullcontext()), interrupt_on_signals():
+        try:
+            trainer = Trainer(config, runtime, resume=resume, progress=progress)
+        except Interrupted as stop:
+            if runtime.is_main:
+                print(f"{signal.Signals(stop.signum).name}: stopped before the first step; "
+                      "nothing was saved", file=sys.stderr, flush=True)
+            raise
         try:
             return trainer.fit(stop_at_step=stop_at_step)
         finally:
