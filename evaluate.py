@@ -28,6 +28,8 @@ DEFAULT_NUM = {"sample": 64, "recon": 64, "fid": 50000, "nll": 0, "encode": 0, "
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Flags that only some modes use default to None (their defaults are in DEFAULTS),
+    so that ``check_args`` can refuse one given to a mode that would ignore it."""
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     count, count0 = cli.integer(1), cli.integer(0)  # counts; 0 = "all" / "none"
 
@@ -39,22 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("mode", required=True, choices=MODES)
     add("data", default=None, help="dataset location (default: the checkpoint config's data)")
     add("out", default=None, help="output folder (default: CHECKPOINT_DIR/eval)")
+    add("overwrite", action="store_true", help="replace output files that already exist")
     add("batch-size", type=count, default=None, help="default: the config's batch_size")
     add("device", default=None, type=cli.DEVICE,
         help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     add("no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    add("seed", type=cli.integer(0, 2**63 - 1), default=0)
+    add("seed", type=cli.integer(0, 2**63 - 1), default=None, help="default 0")
     # --num-images is the spelling torchrun accepts (it reads --num as its own --numa-binding)
     p.add_argument("--num", "--num-images", "--num_images", dest="num", type=count0, default=None,
                    help="images to use: samples (sample/fid, default 64/50000), inputs (recon, 64), "
                         "images of the split or of --latents (nll/encode/decode, default 0 = all)")
-    add("split", default="test", choices=("train", "test"), help="split for recon/encode")
-    add("temp", default="1.0", type=cli.argtype(_checked_temperature),
-        help="temperature >= 0, or a comma list with one value per group (top first)")
+    add("split", default=None, choices=("train", "test"),
+        help="split for nll/recon/encode (default test)")
+    add("temp", default=None, type=cli.argtype(_checked_temperature),
+        help="temperature >= 0, or a comma list with one value per group (top first); default 1")
     add("readjust-bn", action="store_true",
         help="re-estimate BatchNorm statistics from samples at --temp before sampling")
-    add("readjust-bn-batches", type=count, default=100)
-    add("nrow", type=count, default=8, help="images per row of PNG grids")
+    add("readjust-bn-batches", type=count, default=None, help="default 100")
+    add("nrow", type=count, default=None, help="images per row of PNG grids (default 8)")
     add("num-iw-samples", type=count, default=None, help="K for nll (default: the config's)")
     add("iw-chunk", type=count, default=None,
         help="importance samples per image per forward (default: ~256 images per forward)")
@@ -62,10 +66,34 @@ def build_parser() -> argparse.ArgumentParser:
     add("latents", default=None, help="decode: .npz written by --mode encode")
     add("fid-weights", default=None, help="local pytorch-fid Inception weights (.pth)")
     add("fid-cache", default=None, help="folder of cached reference statistics (default: --out)")
-    add("fid-ref-num", type=count0, default=0,
-        help="training images for FID statistics (0: all)")
+    add("fid-ref-num", type=count0, default=None,
+        help="training images for FID statistics (0, the default: all)")
     add("no-progress", action="store_true", help="no progress bars")
     return p
+
+
+# The modes that use each optional flag; given to another mode, a flag is refused
+# (it would do nothing).  Flags every mode uses are not listed.
+USED_BY = {
+    "data": ("nll", "recon", "fid", "encode"),
+    "out": ("sample", "recon", "fid", "encode", "decode"),
+    "overwrite": ("sample", "recon", "encode", "decode"),
+    "seed": ("nll", "sample", "recon", "fid", "encode", "decode"),
+    "split": ("nll", "recon", "encode"),
+    "temp": ("sample", "fid", "decode"),
+    "readjust_bn": ("sample", "fid"),
+    "readjust_bn_batches": ("sample", "fid"),
+    "nrow": ("sample", "recon", "decode"),
+    "num_iw_samples": ("nll",),
+    "iw_chunk": ("nll",),
+    "sample": ("encode",),
+    "latents": ("decode",),
+    "fid_weights": ("fid",),
+    "fid_cache": ("fid",),
+    "fid_ref_num": ("fid",),
+}
+DEFAULTS = {"seed": 0, "split": "test", "temp": "1.0", "readjust_bn_batches": 100, "nrow": 8,
+            "fid_ref_num": 0}
 
 
 def split_loader(config, split: str, batch: int, num: int, rank: int = 0, world: int = 1):
@@ -83,21 +111,43 @@ MIN_NUM = {"sample": 1, "recon": 1, "fid": 2}  # modes where --num is a count, n
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Checks that involve several arguments; single values are checked by their types."""
+    """Checks that involve several arguments; single values are checked by their types.
+    Fills in the defaults of the flags in ``DEFAULTS``."""
     if args.num is not None and args.num < MIN_NUM.get(args.mode, 0):
         least = MIN_NUM[args.mode]
         raise cli.UsageError(f"--num {args.num} is not allowed with --mode {args.mode}: "
                              f"at least {least} image{'s' if least > 1 else ''} (0 means "
                              "'all' only for nll, encode and decode)")
-    if args.readjust_bn and args.mode not in ("sample", "fid"):
-        raise cli.UsageError(f"--readjust-bn only applies to --mode sample or fid, "
-                             f"not {args.mode}")
+    for dest, modes in USED_BY.items():
+        if getattr(args, dest) not in (None, False) and args.mode not in modes:
+            raise cli.UsageError(f"--{dest.replace('_', '-')} only applies to --mode "
+                                 f"{' or '.join(modes)}, not {args.mode}")
+    if args.readjust_bn_batches is not None and not args.readjust_bn:
+        raise cli.UsageError("--readjust-bn-batches only applies with --readjust-bn")
+    if args.mode == "encode" and args.seed is not None and not args.sample:
+        raise cli.UsageError("--seed only applies to --mode encode with --sample (posterior "
+                             "means are not random)")
+    for dest, value in DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
     if args.mode == "decode" and not args.latents:
         raise ev.EvaluationError("--mode decode needs --latents FILE (from --mode encode)")
     for flag in ("checkpoint", "latents", "fid_weights"):  # fail before loading the model
         if getattr(args, flag):
             cli.check_input_file(getattr(args, flag), "--" + flag.replace("_", "-"))
     cli.check_output_dir(output_dir(args), "--out")
+    for path in output_files(args):  # never replace an earlier result unless asked
+        cli.check_new_file(path, "--out: output file", args.overwrite)
+
+
+def output_files(args: argparse.Namespace) -> list[Path]:
+    """The files the mode will write (nll writes none, fid only its reusable cache)."""
+    out = output_dir(args)
+    stem = {"sample": _tag("samples", args), "recon": f"recon_{args.split}",
+            "decode": _tag("decoded", args)}.get(args.mode)
+    if stem:
+        return [out / f"{stem}.png", out / f"{stem}.npz"]
+    return [out / f"latents_{args.split}.npz"] if args.mode == "encode" else []
 
 
 def output_dir(args: argparse.Namespace) -> Path:
@@ -119,6 +169,9 @@ def evaluate(args: argparse.Namespace, runtime) -> dict:
     rank, world, device = runtime.rank, runtime.world_size, runtime.device
     model, config = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
     if args.data is not None:
+        if config.dataset == "mnist_subset":
+            raise cli.UsageError("--data is not used: the checkpoint's dataset is the bundled "
+                                 "'mnist_subset', which reads no files")
         config = config.replace(data=args.data)
     out = output_dir(args)
     batch = args.batch_size or config.batch_size
@@ -133,7 +186,8 @@ def evaluate(args: argparse.Namespace, runtime) -> dict:
 
     if args.mode == "nll":
         k = args.num_iw_samples or config.num_iw_samples
-        loader = split_loader(config, "test", batch, num, rank, world)
+        loader = split_loader(config, args.split, batch, num, rank, world)
+        result["split"] = args.split
         # --seed fixes the importance samples too (each rank its own stream)
         result.update(ev.iw_log_likelihood(model, loader, k, args.iw_chunk, device, progress,
                                             distributed=world > 1, seed=args.seed + rank))
@@ -153,7 +207,8 @@ def evaluate(args: argparse.Namespace, runtime) -> dict:
         result.update(fid(model, config, args, num, batch, t, out, device, progress))
     elif args.mode == "encode":
         loader = split_loader(config, args.split, batch, num)
-        latents = ev.encode_dataset(model, loader, use_mean=not args.sample, progress=progress)
+        with ev.seeded(args.seed if args.sample else None, device):
+            latents = ev.encode_dataset(model, loader, use_mean=not args.sample, progress=progress)
         path = ev.save_latents(out / f"latents_{args.split}.npz", latents)
         result.update(num_images=int(latents[0].shape[0]), num_groups=len(latents),
                       shapes=[list(z.shape[1:]) for z in latents], files={"npz": path},

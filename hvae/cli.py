@@ -192,6 +192,18 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
+def check_new_file(path: str | os.PathLike, flag: str, overwrite: bool) -> Path:
+    """A file to write: not a folder, and not an existing file unless ``overwrite``
+    (the tool's ``--overwrite``).  ``UsageError`` naming ``flag`` otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} is a folder; give the file to write")
+    if path.exists() and not overwrite:
+        raise UsageError(f"{flag} {str(path)!r} already exists: give another path, or "
+                         "--overwrite to replace it")
+    return path
+
+
 def check_input_file(path: str | os.PathLike, flag: str) -> Path:
     """An existing file (not a folder); ``UsageError`` naming ``flag`` otherwise."""
     path = Path(path)

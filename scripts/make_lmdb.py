@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="png (lossless, compact) or raw uint8 with a shape header (fast)")
     parser.add_argument("--workers", type=cli.integer(1), default=1,
                         help="processes encoding images")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace LMDBs that DST/train and DST/test already hold "
+                             "(default: refuse)")
     args = parser.parse_args(argv)
     if not 0 <= args.test_fraction < 1:
         parser.error(f"argument --test-fraction: {args.test_fraction} is not allowed: "
@@ -113,8 +116,12 @@ def main(argv=None) -> int:
             raise cli.UsageError(f"--src: no {split} images found under {str(where)!r} "
                                  f"({', '.join(data.IMAGE_EXTENSIONS)})")
         cli.check_output_dir(dst / split, "--dst")
-        if (dst / split / "data.mdb").exists():
-            raise cli.UsageError(f"--dst: {dst / split} already holds an LMDB; remove it first")
+        if (dst / split / "data.mdb").exists() and not args.overwrite:
+            raise cli.UsageError(f"--dst: {dst / split} already holds an LMDB: give another "
+                                 "--dst, or --overwrite to replace it")
+    if args.overwrite:
+        for split in splits:
+            remove_lmdb(dst / split)
     written = []
     try:
         for split, files in splits.items():
@@ -123,10 +130,14 @@ def main(argv=None) -> int:
             print(f"{split}: {len(files)} images -> {dst / split}")
     except BaseException:  # e.g. an unreadable image (DataError naming it): remove what this
         for folder in written:  # run wrote, so that the same command can simply be rerun
-            for name in ("data.mdb", "lock.mdb"):
-                (folder / name).unlink(missing_ok=True)
+            remove_lmdb(folder)
         raise
     return 0
+
+
+def remove_lmdb(folder: Path) -> None:
+    for name in ("data.mdb", "lock.mdb"):
+        (folder / name).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

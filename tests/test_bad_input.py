@@ -73,6 +73,7 @@ def files(tmp_path_factory):
     a_file.write_text("not a folder\n")
     (tmp / "empty").mkdir()
     (tmp / "eval_out").mkdir()
+    (tmp / "eval_out" / "samples_t0.7.png").write_bytes(b"an earlier result")
 
     shapes = load_model(ckpt)[0].latent_shapes  # [(4, 8, 8), (4, 16, 16), (4, 16, 16)]
     z = [np.zeros((2, *s), np.float32) for s in shapes]
@@ -215,6 +216,20 @@ EVALUATE = [
     ("--checkpoint {ckpt} --mode decode --latents {tmp}/nan.npz", "non-finite"),
     ("--checkpoint {ckpt} --mode decode --latents {tmp}/empty.npz", "no images"),
     ("--checkpoint {ckpt} --mode decode --latents {tmp}/ints.npz", "int64"),
+    # a flag the mode would ignore, or a file it would replace
+    ("--checkpoint {ckpt} --mode nll --temp 0.5", "--temp only applies to --mode sample"),
+    ("--checkpoint {ckpt} --mode nll --out {eval_out}", "--out only applies"),
+    ("--checkpoint {ckpt} --mode nll --data {empty}", "bundled 'mnist_subset'"),
+    ("--checkpoint {ckpt} --mode sample --split train", "--split only applies"),
+    ("--checkpoint {ckpt} --mode sample --data {empty}", "--data only applies"),
+    ("--checkpoint {ckpt} --mode fid --split train", "--split only applies"),
+    ("--checkpoint {ckpt} --mode recon --num-iw-samples 5", "--num-iw-samples only applies"),
+    ("--checkpoint {ckpt} --mode recon --latents {tmp}/nan.npz", "--latents only applies"),
+    ("--checkpoint {ckpt} --mode decode --latents {tmp}/nan.npz --sample", "--sample only"),
+    ("--checkpoint {ckpt} --mode sample --readjust-bn-batches 5", "only applies with --readjust-bn"),
+    ("--checkpoint {ckpt} --mode encode --seed 3", "--seed only applies"),
+    ("--checkpoint {ckpt} --mode nll --overwrite", "--overwrite only applies"),
+    ("--checkpoint {ckpt} --mode sample --nrow 4 --temp 0.7", "samples_t0.7.png' already exists"),
 ]
 MAKE_LMDB = [
     ("--src {tmp}/missing --dst {tmp}/l1", "--src"),
@@ -228,7 +243,7 @@ MAKE_LMDB = [
     ("--src {tmp}/images --dst {tmp}/l9 --size abc", "argument --size"),
     ("--src {tmp}/images --dst {file}", "--dst"),
     ("--src {tmp}/images --dst {file}/sub", "is a file"),
-    ("--src {tmp}/images --dst {tmp}/lmdb_done_out", "already holds an LMDB"),
+    ("--src {tmp}/images --dst {tmp}/lmdb_done_out", "--overwrite to replace it"),
     ("--src {tmp}/images --dst {tmp}/l10 --workers 0", "argument --workers"),
     ("--src {tmp}/images --dst {tmp}/l11 --test-fraction 1.5", "--test-fraction"),
     ("--src {tmp}/images --dst {tmp}/l12 --test-fraction nan", "--test-fraction"),
@@ -248,6 +263,8 @@ IMPORT_NVAE = [  # {nvae}: NVAE's rgb8 fixture; {broken}/NAME.pt: copies with on
     ("{broken}/shape.pt --out {tmp}/i10.pt", "'enc0.1.weight' has shape [3, 3, 1, 1]"),
     ("{broken}/alias.pt --out {tmp}/i11.pt", "not an alias"),
     ("{nvae} --out {empty}", "--out"),
+    ("{nvae} --out {ckpt}", "already exists"),  # a training checkpoint is never replaced
+    ("{nvae} --out {nvae} --overwrite", "is the NVAE checkpoint being imported"),
     ("{nvae}", "--out"),
 ]
 SCRIPTS = [  # the other two entry points share the same plumbing
@@ -292,7 +309,8 @@ def test_train_py(case, needle, files, capsys):
 
 @pytest.mark.parametrize("case,needle", EVALUATE, ids=[c for c, _ in EVALUATE])
 def test_evaluate_py(case, needle, files, capsys):
-    argv = argv_of("--out {eval_out} " + case, files)
+    out = "" if "--mode nll" in case else "--out {eval_out} "  # nll writes no files
+    argv = argv_of(out + case, files)
     code, err = run_in_process(evaluate_cli.main, argv, capsys)
     check_one_line_error("evaluate.py", code, err, needle.format(**files))
 
@@ -396,3 +414,35 @@ def test_end_to_end(files):
     for prog, needle, proc in procs:
         _, err = proc.communicate(timeout=300)
         check_one_line_error(Path(prog).name, proc.returncode, err, needle)
+
+
+def test_tools_replace_a_file_only_when_asked(nvae_files, capsys):
+    """import_nvae.py, make_lmdb.py and evaluate.py refuse to replace what they wrote
+    before (exit 2, the file untouched) and replace it with --overwrite."""
+    from hvae.data import LMDBImages, Prepare
+
+    tmp = nvae_files["tmp"]
+    imported = tmp / "imported.pt"
+    importer = load_script("import_nvae").main
+    assert importer([str(nvae_files["nvae"]), "--out", str(imported)]) == 0
+    before = imported.read_bytes()
+    code, err = run_in_process(importer, [str(nvae_files["nvae"]), "--out", str(imported)], capsys)
+    check_one_line_error("import_nvae.py", code, err, "--overwrite")
+    assert imported.read_bytes() == before
+    assert importer([str(nvae_files["nvae"]), "--out", str(imported), "--overwrite"]) == 0
+
+    make_lmdb = load_script("make_lmdb").main
+    dst = str(tmp / "lmdb_again")
+    assert make_lmdb(["--src", str(tmp / "lmdb_done"), "--dst", dst, "--test-fraction", "0.5"]) == 0
+    code, err = run_in_process(make_lmdb, ["--src", str(tmp / "images"), "--dst", dst], capsys)
+    check_one_line_error("make_lmdb.py", code, err, "already holds an LMDB")
+    assert make_lmdb(["--src", str(tmp / "images"), "--dst", dst, "--test-fraction", "0.5",
+                      "--overwrite"]) == 0
+    assert len(LMDBImages(Path(dst) / "train", Prepare(1, 28, resize=False))) == 10
+
+    argv = ["--checkpoint", str(nvae_files["ckpt"]), "--mode", "recon", "--num", "4",
+            "--out", str(tmp / "recon_out"), "--no-progress"]
+    evaluate_cli.main(argv)
+    code, err = run_in_process(evaluate_cli.main, argv, capsys)
+    check_one_line_error("evaluate.py", code, err, "recon_test.png' already exists")
+    evaluate_cli.main(argv + ["--overwrite"])
