@@ -182,6 +182,9 @@ class Config:
         for f in fields(self):  # inf / nan would pass the range checks below, or fail them confusingly
             if isinstance(getattr(self, f.name), float):
                 need(math.isfinite(getattr(self, f.name)), f.name, "a finite number")
+        need(self.name not in (".", "..") and not any(c in self.name for c in "/\\\0"), "name",
+             "one folder name (no '/', not '..'): the run folder inside --out")
+        need(0 <= self.seed < 2**32, "seed", "an integer from 0 to 4294967295")
         need(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
         need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
         need(self.flow_type in FLOW_TYPES, "flow_type", f"one of {', '.join(FLOW_TYPES)}")

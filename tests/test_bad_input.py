@@ -147,6 +147,12 @@ TRAIN = [
     ("--image_size 30", "image_size"),
     ("--num_chanels_enc 8", "did you mean --num_channels_enc"),
     ("--preset nope", "--preset"),
+    ("--seed -1", "seed=-1"),
+    ("--seed 18446744073709551616", "seed=18446744073709551616"),
+    # the run folder stays inside --out
+    ("--name ../../escaped", "name='../../escaped'"),
+    ("--name a/b", "name='a/b'"),
+    ("--name ..", "name='..'"),
     # devices and output folders
     ("--device foo", "'foo' is not a device"),
     ("--device meta", "'meta' is not supported"),
