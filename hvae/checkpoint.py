@@ -160,11 +160,33 @@ class Checkpointer:
             run.scaler.load_state_dict(state["scaler"])
         run.step, run.best = int(state["step"]), float(state["best"])
         run.epoch = int(state["data_position"]["epoch"])
-        run.batch_in_epoch = int(state["data_position"]["batch"])
+        run.batch_in_epoch = Checkpointer._batches_done(run, state, path)
         if rank == 0:
             set_rng_state(state["rng"])
         else:
             seed_everything(run.config.seed + rank + 1000 * run.step)
+
+    @staticmethod
+    def _batches_done(run, state: dict[str, Any], path) -> int:
+        """The loader batches of the current epoch already trained, counted in this
+        run's batch size: the checkpoint's count converted exactly (a finished epoch
+        stays finished), or an error when the position falls inside a batch."""
+        done, epoch = int(state["data_position"]["batch"]), int(state["data_position"]["epoch"])
+        saved, size = int(state["config"].get("batch_size", run.config.batch_size)), run.config.batch_size
+        if saved == size or done == 0:
+            return done
+        accum = int(state["config"].get("grad_accum_steps", 1))
+        if done >= len(run.train_loader.sampler) // saved // accum * accum:
+            return run.steps_per_epoch * run.accum  # the epoch was complete
+        images = done * saved
+        if images % size:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} stopped {images} images into epoch {epoch} "
+                f"(batch_size {saved}), which is not a whole number of batches of "
+                f"--batch_size {size}: resume with --batch_size {saved}, or one that "
+                f"divides {images}")
+        return images // size
+
     @staticmethod
     def _start_from_imported(run, path, state) -> None:
         """Fine-tuning from imported weights (``scripts/import_nvae.py``): the weights

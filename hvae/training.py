@@ -102,6 +102,10 @@ class Trainer:
         self._check_data_fits()
         if cfg.sync_bn and rt.distributed:
             self.model = convert_sync_batchnorm(self.model)
+        elif cfg.sync_bn:
+            print("--sync_bn: one process, whose BatchNorm statistics already cover the whole "
+                  "batch: nothing to synchronise (it acts under torchrun)", file=sys.stderr,
+                  flush=True)
         self.spectral = objectives.SpectralRegularizer(self.model, cfg.num_power_iter).to(device)
         blockers = graph_blockers(cfg, rt) if cfg.cuda_graphs else []
         graphed = cfg.cuda_graphs and not blockers
@@ -216,6 +220,8 @@ class Trainer:
             print(f"global batch {self.global_batch} = batch_size {cfg.batch_size} x "
                   f"grad_accum_steps {self.accum} x {self.runtime.world_size} process(es)",
                   file=sys.stderr, flush=True)
+            if cfg.max_steps:
+                print(self._what_ends_the_run(), file=sys.stderr, flush=True)
         with StopSignals(verbose=self.runtime.is_main) as self.signals:
             try:
                 while self.step < self.total_steps:
@@ -235,6 +241,16 @@ class Trainer:
                        / max(elapsed, 1e-9),
                        skipped_steps=int(self.skipper.skipped))
         return summary
+
+    def _what_ends_the_run(self) -> str:
+        """Which of --max_steps and --epochs ends the run (both given: the earlier)."""
+        cfg, epoch_steps = self.config, self.config.epochs * self.steps_per_epoch
+        if cfg.max_steps < epoch_steps:
+            return (f"--max_steps {cfg.max_steps} ends the run, before the {cfg.epochs} "
+                    f"epoch(s) of --epochs ({epoch_steps} steps of {self.steps_per_epoch}); "
+                    f"the schedules are fitted to {cfg.max_steps} steps")
+        return (f"--epochs {cfg.epochs} ends the run at step {epoch_steps} "
+                f"({self.steps_per_epoch} per epoch), before --max_steps {cfg.max_steps}")
 
     def _train_epoch(self, bar, stop_at_step: int | None) -> bool:
         """The rest of this epoch's steps; True when stopped at ``stop_at_step``."""

@@ -52,7 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hvae import cli  # noqa: E402
-from hvae.config import Config, parse_args  # noqa: E402
+from hvae.config import Config, check_flags_matter, explicit_overrides, parse_args, preset  # noqa: E402
 
 PROG = "ablate_kl.py"
 
@@ -432,6 +432,12 @@ def plan_runs(base: Config, variants: list[str], seeds: list[int],
 @cli.entry_point(PROG)  # bad input (arguments, config, data ...): one line, exit code 2
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv, build_parser())
+    unused = {"name": "each run's folder is named after its variant and seed (--out names "
+                      "the sweep folder)"}
+    check_flags_matter(config, explicit_overrides(args), preset(config.preset), unused)
+    if args.budget_minutes and config.max_steps:
+        raise cli.UsageError("give --budget-minutes or --max-steps, not both (both set the "
+                             "step count of every run)")
     if args.list:
         print_variants(config)
         return 0
