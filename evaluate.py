@@ -17,10 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from hvae import cli
-from hvae import evaluation as ev
+from hvae import cli  # torch is imported inside main: argument errors and Ctrl-C stay one line
+from hvae.errors import RunFailed, exhausted
 
 PROG = "evaluate.py"
 MODES = ("nll", "sample", "recon", "fid", "encode", "decode")
@@ -103,6 +101,7 @@ def split_loader(config, split: str, batch: int, num: int, rank: int = 0, world:
                         batch_size=batch, shuffle=False, drop_last=False, max_images=num)
 def _checked_temperature(text: str) -> str:
     """--temp is kept as text (it names output files); parse_temperature checks it."""
+    from hvae import evaluation as ev
     ev.parse_temperature(text)
     return text
 
@@ -131,7 +130,7 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, dest) is None:
             setattr(args, dest, value)
     if args.mode == "decode" and not args.latents:
-        raise ev.EvaluationError("--mode decode needs --latents FILE (from --mode encode)")
+        raise cli.UsageError("--mode decode needs --latents FILE (from --mode encode)")
     for flag in ("checkpoint", "latents", "fid_weights"):  # fail before loading the model
         if getattr(args, flag):
             cli.check_input_file(getattr(args, flag), "--" + flag.replace("_", "-"))
@@ -164,6 +163,7 @@ def run(args: argparse.Namespace) -> dict:
 def evaluate(args: argparse.Namespace, runtime) -> dict:
     """The mode's work on this process: every rank takes its shard of ``nll``; the
     other modes run on rank 0 alone."""
+    from hvae import evaluation as ev
     from hvae.checkpoint import load_model
 
     rank, world, device = runtime.rank, runtime.world_size, runtime.device
@@ -228,6 +228,9 @@ def _tag(name: str, args: argparse.Namespace) -> str:
 
 def recon(model, config, args, num, batch, out) -> dict:
     """Reconstruction grid and mean errors over ``num`` images of the split."""
+    import torch
+    from hvae import evaluation as ev
+
     loader = split_loader(config, args.split, batch, num)
     device = ev.model_device(model)
     inputs, recons, mse, nats = [], [], [], []
@@ -248,6 +251,7 @@ def recon(model, config, args, num, batch, out) -> dict:
 
 def fid(model, config, args, num, batch, t, out, device, progress) -> dict:
     """FID of ``num`` samples at temperature ``t`` against the training set."""
+    from hvae import evaluation as ev
     from hvae.data import build_loader
 
     extractor = ev.inception_extractor(args.fid_weights, device)
@@ -267,11 +271,35 @@ def fid(model, config, args, num, batch, t, out, device, progress) -> dict:
     return dict(fid=score, num_samples=num, reference_cache=str(cache))
 
 
+def resource_failure(err: BaseException, args: argparse.Namespace) -> RunFailed | None:
+    """``err`` as one line when memory or disk ran out: which, in which pass, what to try."""
+    resource = exhausted(err)
+    if resource is None or isinstance(err, RunFailed):
+        return None
+    if resource == "disk space":
+        return RunFailed(f"no space left on device while writing to {output_dir(args)}: free "
+                         "space there or give another --out")
+    if resource == "device memory":
+        resource = f"GPU memory ({args.device or 'cuda'})"
+    if args.mode == "nll":
+        return RunFailed(f"out of {resource} in the importance-weighted pass (--batch-size "
+                         f"{args.batch_size or 'of the config'}, --iw-chunk "
+                         f"{args.iw_chunk or 'default'}): try a smaller --iw-chunk (importance "
+                         "samples per image in one forward pass) or --batch-size")
+    return RunFailed(f"out of {resource} in --mode {args.mode}: try a smaller --batch-size")
+
+
 @cli.entry_point(PROG)  # bad input (arguments, checkpoint, data ...): one line, exit code 2
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     check_args(args)
-    result = run(args)
+    try:
+        result = run(args)
+    except Exception as err:
+        failure = resource_failure(err, args)
+        if failure is None:
+            raise
+        raise failure from err
     if result:
         print(json.dumps(result), flush=True)
     return result

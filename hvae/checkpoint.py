@@ -10,13 +10,14 @@ A checkpoint is a plain dict of tensors and Python values (no pickled objects), 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hvae.errors import HvaeError
+from hvae.errors import HvaeError, RunFailed, exhausted
 from hvae.run_folder import temp_prefix
 from hvae.runtime import rng_state, seed_everything, set_rng_state
 
@@ -25,6 +26,10 @@ FORMAT = "hvae-checkpoint-v1"
 
 class CheckpointError(HvaeError, RuntimeError):
     """A checkpoint file that is missing, unreadable, truncated or from another program."""
+
+
+class DiskFull(RunFailed):
+    """A checkpoint write that ran out of disk space (the earlier file is kept)."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -43,9 +48,14 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if exhausted(err) == "disk space":
+            free = shutil.disk_usage(path.parent).free / 2**20
+            kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
+            raise DiskFull(f"no space left on device while writing {path} ({free:.1f} MiB free "
+                           f"there); {kept}") from err
         raise
 
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from hvae.errors import HvaeError
+from hvae.errors import HvaeError, RunFailed, exhausted
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT
@@ -56,8 +56,8 @@ def fail(prog: str, message: object, code: int = EXIT_USAGE) -> NoReturn:
 def entry_point(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate ``main(argv=None)``: the project's own errors (``HvaeError``) end the
     command with one line and their exit code (2 for bad input, 1 for a run that
-    failed); Ctrl-C ends it with one line and 130; anything else propagates with its
-    traceback."""
+    failed), and so does a resource that ran out (disk, memory: 1); Ctrl-C ends it with
+    one line and 130; anything else propagates with its traceback."""
     def decorate(main: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(main)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -65,6 +65,13 @@ def entry_point(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
                 return main(*args, **kwargs)
             except HvaeError as err:
                 fail(prog, err, err.exit_code)
+            except Exception as err:  # a resource ran out where no caller said more
+                resource = exhausted(err)
+                if resource is None:
+                    raise
+                first = next((l.strip() for l in str(err).splitlines() if l.strip()), "")
+                fail(prog, f"out of {resource}: {first}" if resource != "disk space" else
+                     f"no space left on device: {first}", RunFailed.exit_code)
             except KeyboardInterrupt:
                 sys.stderr.write(f"\n{prog}: interrupted (Ctrl-C)\n")
                 sys.stderr.flush()

@@ -21,3 +21,29 @@ class RunFailed(HvaeError):
     one line like bad input, but exit code 1."""
 
     exit_code = 1
+
+
+def error_chain(err: BaseException):
+    """``err`` and the exceptions it was raised from or during (``__cause__``, ``__context__``)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def exhausted(err: BaseException) -> str | None:
+    """Which resource ran out when ``err`` says one did: "disk space", "host memory" or
+    "device memory" (torch.OutOfMemoryError: a GPU's); None otherwise.  A failed write
+    inside torch.save surfaces as a RuntimeError whose context is the OSError."""
+    import errno
+
+    for e in error_chain(err):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "disk space"
+        if isinstance(e, MemoryError) or (isinstance(e, RuntimeError)
+                                          and "can't allocate memory" in str(e)):
+            return "host memory"
+        if type(e).__name__ == "OutOfMemoryError":
+            return "device memory"
+    return None

@@ -31,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel
 from hvae import data as hdata
 from hvae import evaluation as ev
 from hvae import objectives
-from hvae.checkpoint import Checkpointer
+from hvae.checkpoint import Checkpointer, DiskFull
 from hvae.config import Config, ConfigError
-from hvae.errors import RunFailed
+from hvae.errors import RunFailed, exhausted
 from hvae.graphed_step import SyncFreeStep, graph_blockers, side_stream
 from hvae.logger import MetricsLogger
 from hvae.model import NVAE
@@ -131,8 +131,11 @@ class Trainer:
         self.best = math.inf
         self.signals = StopSignals(verbose=False)  # replaced by an active one inside fit()
         seed_everything(cfg.seed + 1 + rt.rank)  # per-rank noise streams
+        self.phase = "training"  # or "evaluation", "the final importance-weighted test pass"
+        self.last_checkpoint: tuple[Path, int] | None = None  # (file, step) a resume would use
         if resume:
             Checkpointer.restore(self, resume, rank=rt.rank if rt.distributed else 0)
+            self.last_checkpoint = (Path(resume), self.step)
 
     def _make_step(self, net: nn.Module, blockers: list[str]) -> TrainStep:
         """The eager step, or with ``cuda_graphs`` the captured one unless ``blockers``
@@ -180,6 +183,35 @@ class Trainer:
 
     def save(self, name: str = "checkpoint.pt") -> None:
         self.checkpointer.save(self, name)
+        if name == "checkpoint.pt" and self.runtime.is_main:
+            self.last_checkpoint = (self.run_dir / name, self.step)
+
+    def resource_failure(self, err: BaseException) -> RunFailed | None:
+        """``err`` as one line when a resource ran out (None otherwise): which one, where,
+        what is saved, and what to try."""
+        resource = exhausted(err)
+        if resource is None:
+            return None
+        cfg = self.config
+        saved = ("no checkpoint was saved yet" if self.last_checkpoint is None else
+                 f"the last checkpoint is {self.last_checkpoint[0]} (step {self.last_checkpoint[1]})")
+        if resource == "disk space":
+            what = str(err) if isinstance(err, DiskFull) else "no space left on device"
+            return RunFailed(f"{what} at step {self.step}; {saved}: free space there, or copy "
+                             "the run folder to a disk with room and continue with --resume "
+                             "(--out there)")
+        if resource == "device memory":
+            resource = f"GPU memory ({self.runtime.device})"
+        if self.phase.startswith("the final"):
+            return RunFailed(
+                f"out of {resource} in {self.phase} (K={cfg.num_iw_samples}, batch "
+                f"{cfg.batch_size}); training is finished and {saved}: evaluate it with "
+                "evaluate.py --mode nll and a smaller --batch-size or --iw-chunk")
+        return RunFailed(
+            f"out of {resource} at step {self.step} ({self.phase}, batch {cfg.batch_size}); "
+            f"{saved}: try a smaller --batch_size (--grad_accum_steps keeps the global batch), "
+            "--activation_checkpointing true or --amp bf16"
+            + (", with --resume" if self.last_checkpoint else ""))
 
     # ---------------------------------------------------------------- the loop
     def epoch_batches(self) -> Iterator[torch.Tensor]:
@@ -319,12 +351,15 @@ class Trainer:
         evaluation then has what it has after eager steps.
         """
         self.train_step_fn.release_graph()
+        self.phase = "evaluation"
         try:
             return self._evaluate_and_save(final)
         except Interrupted:
             self._save_checked()
             self._announce_stop()
             raise
+        finally:
+            self.phase = "training"
 
     def _evaluate_and_save(self, final: bool) -> dict[str, Any]:
         rt, cfg = self.runtime, self.config
@@ -341,6 +376,7 @@ class Trainer:
         self._save_checked()
         stop()
         if final:  # every rank evaluates its own shard of the test set; sums are all-reduced
+            self.phase = "the final importance-weighted test pass"
             loader = (hdata.build_loader(cfg, "test", distributed=True, rank=rt.rank,
                                          world_size=rt.world_size, device=rt.device)
                       if rt.distributed else self.test_loader)
@@ -392,5 +428,10 @@ def train(config: Config, resume: str | os.PathLike | None = None, progress: boo
             raise
         try:
             return trainer.fit(stop_at_step=stop_at_step)
+        except Exception as err:
+            failure = trainer.resource_failure(err)
+            if failure is None:
+                raise
+            raise failure from err
         finally:
             trainer.logger.close()

@@ -52,6 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hvae import cli  # noqa: E402
+from hvae.errors import HvaeError  # noqa: E402
 from hvae.config import Config, check_flags_matter, explicit_overrides, parse_args, preset  # noqa: E402
 
 PROG = "ablate_kl.py"
@@ -233,6 +234,8 @@ def run_sequential(sweep_dir: Path, sweep: dict, todo: list[tuple[str, int]],
             run_one(sweep_dir, sweep, variant, seed, device, progress)
         except (KeyboardInterrupt, SystemExit):
             raise
+        except HvaeError as err:  # the run's own one-line reason
+            print(f"run {run_name(variant, seed)} FAILED: {cli.one_line(err)}", flush=True)
         except Exception:  # noqa: BLE001 - one broken variant must not stop the sweep
             print(f"run {run_name(variant, seed)} FAILED:\n{traceback.format_exc()}", flush=True)
 
@@ -259,8 +262,9 @@ def run_parallel(sweep_dir: Path, todo: list[tuple[str, int]], gpus: list[str],
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
             print(f"gpu {gpu}: run {name} (log {log})", flush=True)
             with open(log, "a") as f:
+                start = f.tell()
                 rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-            status = "done" if rc == 0 else f"FAILED (exit {rc}, see the log)"
+            status = "done" if rc == 0 else f"FAILED (exit {rc}): {last_error(log, start)}"
             print(f"gpu {gpu}: run {name} {status}", flush=True)
 
     threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in gpus]
@@ -268,6 +272,17 @@ def run_parallel(sweep_dir: Path, todo: list[tuple[str, int]], gpus: list[str],
         t.start()
     for t in threads:
         t.join()
+
+
+def last_error(log: Path, start: int = 0) -> str:
+    """Why a worker's run failed, from its log (written after ``start``): its one-line
+    error, else the last line (a traceback's), with the log's path."""
+    with open(log, "rb") as f:
+        f.seek(start)
+        lines = [l.strip() for l in f.read().decode(errors="replace").splitlines() if l.strip()]
+    reason = next((l for l in reversed(lines) if ": error: " in l), lines[-1] if lines else
+                  "no output")
+    return f"{reason} (log {log})"
 
 
 # ------------------------------------------------------------------ reporting
@@ -445,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_one:  # a worker subprocess of --gpus: everything else comes from sweep.json
         variant, seed = args.run_one.rsplit(":", 1)
         sweep = json.loads((sweep_dir / "sweep.json").read_text())
-        run_one(sweep_dir, sweep, variant, int(seed), args.device, not args.no_progress)
+        run_one(sweep_dir, sweep, variant, int(seed), cli.parse_device(args.device),
+                not args.no_progress)
         return 0
     variants = select_variants(args.variants)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]

@@ -153,3 +153,58 @@ def test_an_error_after_the_lock_releases_it(tmp_path):
     with pytest.raises(DataError, match="smaller than one batch"):
         train(cfg, progress=False)
     assert (tmp_path / "runs" / "r").is_dir() and not (tmp_path / "runs" / "r" / ".lock").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.5 MiB tmpfs: room for one tiny checkpoint (1.2 MB), not for a second one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, small_disk):
+    cmd = [sys.executable, str(REPO / "train.py"), *TINY, "--out", str(small_disk), "--name", "r",
+           "--max_steps", "3", "--checkpoint_every", "1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[-1].startswith("train.py: error: no space left on device while writing "), lines[-1]
+    assert "the previous checkpoint.pt is unchanged" in lines[-1]
+    assert "the last checkpoint is" in lines[-1] and "(step 1)" in lines[-1]
+    assert "--resume" in lines[-1]
+    run = small_disk / "r"
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 1
+    assert not list(run.glob(".*.tmp")) and not (run / ".lock").exists()
+
+
+def test_no_space_inside_torch_save_names_the_disk_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """Without a tmpfs: the write fails the way torch.save does on a full disk (a RuntimeError
+    raised while the OSError is handled)."""
+    import errno
+    import torch
+    from hvae import checkpoint
+    from hvae.checkpoint import DiskFull, save_checkpoint
+
+    save_checkpoint(tmp_path / "checkpoint.pt", {"config": {}, "model": {"w": torch.ones(1)}})
+
+    def full(obj, f):
+        f.write(b"PK partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(DiskFull, match="no space left on device while writing .* unchanged"):
+        save_checkpoint(tmp_path / "checkpoint.pt", {"config": {}, "model": {}})
+    with pytest.raises(DiskFull, match="nothing was written"):
+        save_checkpoint(tmp_path / "other.pt", {"config": {}, "model": {}})
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["model"]["w"].item() == 1
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "other.pt").exists()
