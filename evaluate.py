@@ -164,10 +164,16 @@ def evaluate(args: argparse.Namespace, runtime) -> dict:
     """The mode's work on this process: every rank takes its shard of ``nll``; the
     other modes run on rank 0 alone."""
     from hvae import evaluation as ev
-    from hvae.checkpoint import load_model
+    from hvae.checkpoint import load_checkpoint, load_model
 
     rank, world, device = runtime.rank, runtime.world_size, runtime.device
-    model, config = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
+    state = load_checkpoint(args.checkpoint)
+    has_ema = state.get("ema") is not None
+    if args.no_ema and not has_ema:
+        raise cli.UsageError("--no-ema does nothing: the checkpoint has no EMA weights")
+    model, config = load_model(args.checkpoint, use_ema=not args.no_ema, device=device,
+                               state=state)
+    del state
     if args.data is not None:
         if config.dataset == "mnist_subset":
             raise cli.UsageError("--data is not used: the checkpoint's dataset is the bundled "
@@ -182,7 +188,8 @@ def evaluate(args: argparse.Namespace, runtime) -> dict:
         raise ev.EvaluationError(f"--temp has {len(t)} values but the model has {groups} "
                                  "latent groups: give one value, or one per group (top first)")
     progress = not args.no_progress and rank == 0
-    result = {"mode": args.mode, "checkpoint": str(args.checkpoint), "ema": not args.no_ema}
+    result = {"mode": args.mode, "checkpoint": str(args.checkpoint),
+              "ema": has_ema and not args.no_ema}
 
     if args.mode == "nll":
         k = args.num_iw_samples or config.num_iw_samples

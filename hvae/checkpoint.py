@@ -83,15 +83,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return state
 
 
-def load_model(path: str | os.PathLike, use_ema: bool = True, device: Any = "cpu"):
+def load_model(path: str | os.PathLike, use_ema: bool = True, device: Any = "cpu",
+               state: dict[str, Any] | None = None):
     """Rebuild the model of a checkpoint in eval mode: ``(model, config)``.
 
     ``use_ema`` picks the exponential moving average of the weights when the run kept one.
+    ``state``: the checkpoint already read by ``load_checkpoint(path)`` (read once).
     """
     from hvae.config import Config
     from hvae.model import NVAE
 
-    state = load_checkpoint(path)
+    state = load_checkpoint(path) if state is None else state
     config = Config.from_dict(state["config"])
     model = NVAE(config)
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]

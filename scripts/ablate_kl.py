@@ -228,11 +228,14 @@ def run_one(sweep_dir: Path, sweep: dict, variant: str, seed: int, device: str |
 
 def run_sequential(sweep_dir: Path, sweep: dict, todo: list[tuple[str, int]],
                    device: str | None, progress: bool) -> None:
-    """In this process, one after another; a failed run is reported and retried next time."""
+    """In this process, one after another; a failed run is reported and retried next time.
+    A stop signal (``Interrupted``) ends the sweep after the run in progress saves."""
+    from hvae.runtime import Interrupted
+
     for variant, seed in todo:
         try:
             run_one(sweep_dir, sweep, variant, seed, device, progress)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, Interrupted):
             raise
         except HvaeError as err:  # the run's own one-line reason
             print(f"run {run_name(variant, seed)} FAILED: {cli.one_line(err)}", flush=True)
@@ -481,7 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     if todo and gpus:
         run_parallel(sweep_dir, todo, gpus, args.device)
     elif todo:
-        run_sequential(sweep_dir, sweep, todo, args.device, not args.no_progress)
+        from hvae.runtime import Interrupted
+        try:
+            run_sequential(sweep_dir, sweep, todo, args.device, not args.no_progress)
+        except Interrupted as stop:  # SIGTERM / Ctrl-C: the run in progress saved its checkpoint
+            print("sweep stopped; run the same command again to resume it", flush=True)
+            return stop.exit_code
     rows = report(sweep_dir, sweep, plan)
     finished = all(result_path(sweep_dir, run_name(v, s)).exists() for v, s in plan)
     return 0 if rows and finished else 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import signal
 import sys
 from functools import partial
 from multiprocessing import Pool
@@ -70,12 +71,17 @@ def encode(path: Path, size: int | None, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def _ignore_ctrl_c() -> None:
+    """In a worker: Ctrl-C is the main process's to handle (one line, no worker tracebacks)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def write_lmdb(dst: Path, files: list[Path], *, size: int | None, fmt: str, workers: int) -> int:
     """Write ``files`` to a new LMDB at ``dst``; returns the number of images."""
     dst.mkdir(parents=True, exist_ok=True)
     env = data.open_lmdb(dst, write=True)
     job = partial(encode, size=size, fmt=fmt)
-    pool = Pool(workers) if workers > 1 else None
+    pool = Pool(workers, initializer=_ignore_ctrl_c) if workers > 1 else None
     values = pool.imap(job, files, chunksize=16) if pool else map(job, files)
     try:
         txn = env.begin(write=True)

@@ -252,6 +252,7 @@ EVALUATE = [
     ("--checkpoint {ckpt} --mode sample --readjust-bn-batches 5", "only applies with --readjust-bn"),
     ("--checkpoint {ckpt} --mode encode --seed 3", "--seed only applies"),
     ("--checkpoint {ckpt} --mode nll --overwrite", "--overwrite only applies"),
+    ("--checkpoint {ckpt} --mode nll --no-ema", "--no-ema does nothing: the checkpoint has no EMA"),
     ("--checkpoint {ckpt} --mode sample --nrow 4 --temp 0.7", "samples_t0.7.png' already exists"),
 ]
 MAKE_LMDB = [

@@ -146,3 +146,26 @@ def test_diverged_weights_exit_1_and_name_grad_clip_only_when_it_is_off(tmp_path
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_.value.code == 1 and "non-finite" in line, line
     assert ("--grad_clip" in line) == (clip == 0), line
+
+
+def test_ctrl_c_in_an_ablation_sweep_saves_the_run_and_exits_130(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "ablate_kl.py"), "--variants",
+                             "full", "--max-steps", "100000", "--out", str(sweep), *TINY,
+                             "--batch_size", "16", "--checkpoint_every", "1"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    checkpoint = sweep / "runs" / "full-s1" / "checkpoint.pt"
+    try:
+        start = time.time()
+        while not checkpoint.exists():  # training
+            assert proc.poll() is None and time.time() - start < 120, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in out + err, (out + err)[-3000:]
+    assert "FAILED" not in out and "sweep stopped" in out, out
+    assert "continue with --resume" in err
