@@ -15,7 +15,6 @@ A mutant is *killed* when at least one of its tests fails.  See notes/MUTATION.m
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -24,6 +23,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hvae import cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,7 +244,7 @@ def run_tests(tree: Path, tests: list[str], timeout: int) -> tuple[int, list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="mutation_check.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="", help="comma-separated mutant names")
     p.add_argument("--list", action="store_true")
     p.add_argument("--ref", default=None, help="mutate this commit's files instead of the work tree")
@@ -252,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="run these tests for every mutant instead of each mutant's own list "
                         "(e.g. whole files of an older suite with --ref)")
     args = p.parse_args(argv)
+    unknown = [n for n in args.only.split(",") if n and n not in {m.name for m in MUTANTS}]
+    if unknown:  # a typo would otherwise check nothing and pass
+        p.error(f"--only: unknown mutant(s) {', '.join(unknown)} (--list names them)")
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only.split(",")]
     if args.tests:
         chosen = [Mutant(m.name, m.file, m.old, m.new, args.tests, m.what) for m in chosen]
