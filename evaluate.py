@@ -17,10 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from hvae import cli
-from hvae import evaluation as ev
+from hvae import cli  # torch is imported inside main: argument errors and Ctrl-C stay one line
+from hvae.errors import RunFailed, exhausted
 
 PROG = "evaluate.py"
 MODES = ("nll", "sample", "recon", "fid", "encode", "decode")
@@ -28,6 +26,8 @@ DEFAULT_NUM = {"sample": 64, "recon": 64, "fid": 50000, "nll": 0, "encode": 0, "
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Flags that only some modes use default to None (their defaults are in DEFAULTS),
+    so that ``check_args`` can refuse one given to a mode that would ignore it."""
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     count, count0 = cli.integer(1), cli.integer(0)  # counts; 0 = "all" / "none"
 
@@ -39,22 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("mode", required=True, choices=MODES)
     add("data", default=None, help="dataset location (default: the checkpoint config's data)")
     add("out", default=None, help="output folder (default: CHECKPOINT_DIR/eval)")
+    add("overwrite", action="store_true", help="replace output files that already exist")
     add("batch-size", type=count, default=None, help="default: the config's batch_size")
     add("device", default=None, type=cli.DEVICE,
         help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     add("no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    add("seed", type=cli.integer(0, 2**63 - 1), default=0)
+    add("seed", type=cli.integer(0, 2**63 - 1), default=None, help="default 0")
     # --num-images is the spelling torchrun accepts (it reads --num as its own --numa-binding)
     p.add_argument("--num", "--num-images", "--num_images", dest="num", type=count0, default=None,
                    help="images to use: samples (sample/fid, default 64/50000), inputs (recon, 64), "
                         "images of the split or of --latents (nll/encode/decode, default 0 = all)")
-    add("split", default="test", choices=("train", "test"), help="split for recon/encode")
-    add("temp", default="1.0", type=cli.argtype(_checked_temperature),
-        help="temperature >= 0, or a comma list with one value per group (top first)")
+    add("split", default=None, choices=("train", "test"),
+        help="split for nll/recon/encode (default test)")
+    add("temp", default=None, type=cli.argtype(_checked_temperature),
+        help="temperature >= 0, or a comma list with one value per group (top first); default 1")
     add("readjust-bn", action="store_true",
         help="re-estimate BatchNorm statistics from samples at --temp before sampling")
-    add("readjust-bn-batches", type=count, default=100)
-    add("nrow", type=count, default=8, help="images per row of PNG grids")
+    add("readjust-bn-batches", type=count, default=None, help="default 100")
+    add("nrow", type=count, default=None, help="images per row of PNG grids (default 8)")
     add("num-iw-samples", type=count, default=None, help="K for nll (default: the config's)")
     add("iw-chunk", type=count, default=None,
         help="importance samples per image per forward (default: ~256 images per forward)")
@@ -62,10 +64,34 @@ def build_parser() -> argparse.ArgumentParser:
     add("latents", default=None, help="decode: .npz written by --mode encode")
     add("fid-weights", default=None, help="local pytorch-fid Inception weights (.pth)")
     add("fid-cache", default=None, help="folder of cached reference statistics (default: --out)")
-    add("fid-ref-num", type=count0, default=0,
-        help="training images for FID statistics (0: all)")
+    add("fid-ref-num", type=count0, default=None,
+        help="training images for FID statistics (0, the default: all)")
     add("no-progress", action="store_true", help="no progress bars")
     return p
+
+
+# The modes that use each optional flag; given to another mode, a flag is refused
+# (it would do nothing).  Flags every mode uses are not listed.
+USED_BY = {
+    "data": ("nll", "recon", "fid", "encode"),
+    "out": ("sample", "recon", "fid", "encode", "decode"),
+    "overwrite": ("sample", "recon", "encode", "decode"),
+    "seed": ("nll", "sample", "recon", "fid", "encode", "decode"),
+    "split": ("nll", "recon", "encode"),
+    "temp": ("sample", "fid", "decode"),
+    "readjust_bn": ("sample", "fid"),
+    "readjust_bn_batches": ("sample", "fid"),
+    "nrow": ("sample", "recon", "decode"),
+    "num_iw_samples": ("nll",),
+    "iw_chunk": ("nll",),
+    "sample": ("encode",),
+    "latents": ("decode",),
+    "fid_weights": ("fid",),
+    "fid_cache": ("fid",),
+    "fid_ref_num": ("fid",),
+}
+DEFAULTS = {"seed": 0, "split": "test", "temp": "1.0", "readjust_bn_batches": 100, "nrow": 8,
+            "fid_ref_num": 0}
 
 
 def split_loader(config, split: str, batch: int, num: int, rank: int = 0, world: int = 1):
@@ -75,6 +101,7 @@ def split_loader(config, split: str, batch: int, num: int, rank: int = 0, world:
                         batch_size=batch, shuffle=False, drop_last=False, max_images=num)
 def _checked_temperature(text: str) -> str:
     """--temp is kept as text (it names output files); parse_temperature checks it."""
+    from hvae import evaluation as ev
     ev.parse_temperature(text)
     return text
 
@@ -83,21 +110,43 @@ MIN_NUM = {"sample": 1, "recon": 1, "fid": 2}  # modes where --num is a count, n
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Checks that involve several arguments; single values are checked by their types."""
+    """Checks that involve several arguments; single values are checked by their types.
+    Fills in the defaults of the flags in ``DEFAULTS``."""
     if args.num is not None and args.num < MIN_NUM.get(args.mode, 0):
         least = MIN_NUM[args.mode]
         raise cli.UsageError(f"--num {args.num} is not allowed with --mode {args.mode}: "
                              f"at least {least} image{'s' if least > 1 else ''} (0 means "
                              "'all' only for nll, encode and decode)")
-    if args.readjust_bn and args.mode not in ("sample", "fid"):
-        raise cli.UsageError(f"--readjust-bn only applies to --mode sample or fid, "
-                             f"not {args.mode}")
+    for dest, modes in USED_BY.items():
+        if getattr(args, dest) not in (None, False) and args.mode not in modes:
+            raise cli.UsageError(f"--{dest.replace('_', '-')} only applies to --mode "
+                                 f"{' or '.join(modes)}, not {args.mode}")
+    if args.readjust_bn_batches is not None and not args.readjust_bn:
+        raise cli.UsageError("--readjust-bn-batches only applies with --readjust-bn")
+    if args.mode == "encode" and args.seed is not None and not args.sample:
+        raise cli.UsageError("--seed only applies to --mode encode with --sample (posterior "
+                             "means are not random)")
+    for dest, value in DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
     if args.mode == "decode" and not args.latents:
-        raise ev.EvaluationError("--mode decode needs --latents FILE (from --mode encode)")
+        raise cli.UsageError("--mode decode needs --latents FILE (from --mode encode)")
     for flag in ("checkpoint", "latents", "fid_weights"):  # fail before loading the model
         if getattr(args, flag):
             cli.check_input_file(getattr(args, flag), "--" + flag.replace("_", "-"))
     cli.check_output_dir(output_dir(args), "--out")
+    for path in output_files(args):  # never replace an earlier result unless asked
+        cli.check_new_file(path, "--out: output file", args.overwrite)
+
+
+def output_files(args: argparse.Namespace) -> list[Path]:
+    """The files the mode will write (nll writes none, fid only its reusable cache)."""
+    out = output_dir(args)
+    stem = {"sample": _tag("samples", args), "recon": f"recon_{args.split}",
+            "decode": _tag("decoded", args)}.get(args.mode)
+    if stem:
+        return [out / f"{stem}.png", out / f"{stem}.npz"]
+    return [out / f"latents_{args.split}.npz"] if args.mode == "encode" else []
 
 
 def output_dir(args: argparse.Namespace) -> Path:
@@ -114,11 +163,21 @@ def run(args: argparse.Namespace) -> dict:
 def evaluate(args: argparse.Namespace, runtime) -> dict:
     """The mode's work on this process: every rank takes its shard of ``nll``; the
     other modes run on rank 0 alone."""
-    from hvae.checkpoint import load_model
+    from hvae import evaluation as ev
+    from hvae.checkpoint import load_checkpoint, load_model
 
     rank, world, device = runtime.rank, runtime.world_size, runtime.device
-    model, config = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
+    state = load_checkpoint(args.checkpoint)
+    has_ema = state.get("ema") is not None
+    if args.no_ema and not has_ema:
+        raise cli.UsageError("--no-ema does nothing: the checkpoint has no EMA weights")
+    model, config = load_model(args.checkpoint, use_ema=not args.no_ema, device=device,
+                               state=state)
+    del state
     if args.data is not None:
+        if config.dataset == "mnist_subset":
+            raise cli.UsageError("--data is not used: the checkpoint's dataset is the bundled "
+                                 "'mnist_subset', which reads no files")
         config = config.replace(data=args.data)
     out = output_dir(args)
     batch = args.batch_size or config.batch_size
@@ -129,11 +188,13 @@ def evaluate(args: argparse.Namespace, runtime) -> dict:
         raise ev.EvaluationError(f"--temp has {len(t)} values but the model has {groups} "
                                  "latent groups: give one value, or one per group (top first)")
     progress = not args.no_progress and rank == 0
-    result = {"mode": args.mode, "checkpoint": str(args.checkpoint), "ema": not args.no_ema}
+    result = {"mode": args.mode, "checkpoint": str(args.checkpoint),
+              "ema": has_ema and not args.no_ema}
 
     if args.mode == "nll":
         k = args.num_iw_samples or config.num_iw_samples
-        loader = split_loader(config, "test", batch, num, rank, world)
+        loader = split_loader(config, args.split, batch, num, rank, world)
+        result["split"] = args.split
         # --seed fixes the importance samples too (each rank its own stream)
         result.update(ev.iw_log_likelihood(model, loader, k, args.iw_chunk, device, progress,
                                             distributed=world > 1, seed=args.seed + rank))
@@ -153,7 +214,8 @@ def evaluate(args: argparse.Namespace, runtime) -> dict:
         result.update(fid(model, config, args, num, batch, t, out, device, progress))
     elif args.mode == "encode":
         loader = split_loader(config, args.split, batch, num)
-        latents = ev.encode_dataset(model, loader, use_mean=not args.sample, progress=progress)
+        with ev.seeded(args.seed if args.sample else None, device):
+            latents = ev.encode_dataset(model, loader, use_mean=not args.sample, progress=progress)
         path = ev.save_latents(out / f"latents_{args.split}.npz", latents)
         result.update(num_images=int(latents[0].shape[0]), num_groups=len(latents),
                       shapes=[list(z.shape[1:]) for z in latents], files={"npz": path},
@@ -173,6 +235,9 @@ def _tag(name: str, args: argparse.Namespace) -> str:
 
 def recon(model, config, args, num, batch, out) -> dict:
     """Reconstruction grid and mean errors over ``num`` images of the split."""
+    import torch
+    from hvae import evaluation as ev
+
     loader = split_loader(config, args.split, batch, num)
     device = ev.model_device(model)
     inputs, recons, mse, nats = [], [], [], []
@@ -193,6 +258,7 @@ def recon(model, config, args, num, batch, out) -> dict:
 
 def fid(model, config, args, num, batch, t, out, device, progress) -> dict:
     """FID of ``num`` samples at temperature ``t`` against the training set."""
+    from hvae import evaluation as ev
     from hvae.data import build_loader
 
     extractor = ev.inception_extractor(args.fid_weights, device)
@@ -212,11 +278,35 @@ def fid(model, config, args, num, batch, t, out, device, progress) -> dict:
     return dict(fid=score, num_samples=num, reference_cache=str(cache))
 
 
+def resource_failure(err: BaseException, args: argparse.Namespace) -> RunFailed | None:
+    """``err`` as one line when memory or disk ran out: which, in which pass, what to try."""
+    resource = exhausted(err)
+    if resource is None or isinstance(err, RunFailed):
+        return None
+    if resource == "disk space":
+        return RunFailed(f"no space left on device while writing to {output_dir(args)}: free "
+                         "space there or give another --out")
+    if resource == "device memory":
+        resource = f"GPU memory ({args.device or 'cuda'})"
+    if args.mode == "nll":
+        return RunFailed(f"out of {resource} in the importance-weighted pass (--batch-size "
+                         f"{args.batch_size or 'of the config'}, --iw-chunk "
+                         f"{args.iw_chunk or 'default'}): try a smaller --iw-chunk (importance "
+                         "samples per image in one forward pass) or --batch-size")
+    return RunFailed(f"out of {resource} in --mode {args.mode}: try a smaller --batch-size")
+
+
 @cli.entry_point(PROG)  # bad input (arguments, checkpoint, data ...): one line, exit code 2
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     check_args(args)
-    result = run(args)
+    try:
+        result = run(args)
+    except Exception as err:
+        failure = resource_failure(err, args)
+        if failure is None:
+            raise
+        raise failure from err
     if result:
         print(json.dumps(result), flush=True)
     return result

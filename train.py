@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from hvae import cli
-from hvae.config import Config, parse_args
+from hvae.config import (Config, check_flags_matter, explicit_overrides, parse_args, preset,
+                         resume_config)
 
 PROG = "train.py"
 
@@ -21,7 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="continue a run exactly where it stopped (default: the run "
-                             "folder's checkpoint.pt); flags given now override its config")
+                             "folder's checkpoint.pt); flags given now may change only the "
+                             "run's length and how it runs (README: Training)")
+    parser.add_argument("--overwrite", nargs="?", const=True, default=False, type=cli.boolean,
+                        metavar="BOOL", help="start a new run in a run folder that holds "
+                        "another run, removing its checkpoints, metrics and images first")
     parser.add_argument("--device", default=None, type=cli.DEVICE,
                         help="e.g. cpu, cuda, cuda:1 (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -29,14 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(config: Config, args: argparse.Namespace) -> tuple[Config, Path | None]:
-    """With --resume, the checkpoint's config plus the flags given explicitly now."""
+    """With --resume, the checkpoint's config with the flags given now, which may change
+    only what ``resume_config`` allows.  A flag that would do nothing is refused."""
+    explicit = explicit_overrides(args)
     if not args.resume:
+        check_flags_matter(config, explicit, preset(config.preset))
         return config, None
-    from hvae.checkpoint import saved_config  # torch: imported after the argument checks
+    from hvae.checkpoint import load_checkpoint  # torch: imported after the argument checks
     path = Path(config.out) / config.run_name / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
-    saved = saved_config(path)
-    explicit = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    return Config.from_dict({**saved, **explicit}), path
+    state = load_checkpoint(path)
+    resumed = resume_config(state["config"], explicit, args.preset, str(path),
+                            imported=bool(state.get("imported")))
+    check_flags_matter(resumed, explicit, Config.from_dict(state["config"]))
+    return resumed, path
 
 
 @cli.entry_point(PROG)  # bad input (config, data, checkpoint, device): one line, exit code 2
@@ -48,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from hvae.training import train
 
     try:
-        summary = train(config, resume=resume, progress=not args.no_progress, device=args.device)
+        summary = train(config, resume=resume, progress=not args.no_progress, device=args.device,
+                        overwrite=args.overwrite)
     except Interrupted as stop:  # SIGTERM / Ctrl-C: the checkpoint is already saved
         return stop.exit_code
     if summary and "test_nelbo" in summary:  # rank 0 holds the results

@@ -10,13 +10,15 @@ A checkpoint is a plain dict of tensors and Python values (no pickled objects), 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hvae.errors import HvaeError
+from hvae.errors import HvaeError, RunFailed, exhausted
+from hvae.run_folder import temp_prefix
 from hvae.runtime import rng_state, seed_everything, set_rng_state
 
 FORMAT = "hvae-checkpoint-v1"
@@ -26,26 +28,34 @@ class CheckpointError(HvaeError, RuntimeError):
     """A checkpoint file that is missing, unreadable, truncated or from another program."""
 
 
+class DiskFull(RunFailed):
+    """A checkpoint write that ran out of disk space (the earlier file is kept)."""
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` via a temporary file and an atomic rename.
 
-    A crash mid-write leaves the previous checkpoint at ``path`` untouched;
-    temporary files left by a killed earlier write are removed first.
+    A crash mid-write leaves the previous checkpoint at ``path`` untouched.  The
+    temporary file's name carries this process's pid: only its writer removes it
+    (and, after a crash, the next run that owns the folder: ``hvae.run_folder``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if exhausted(err) == "disk space":
+            free = shutil.disk_usage(path.parent).free / 2**20
+            kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
+            raise DiskFull(f"no space left on device while writing {path} ({free:.1f} MiB free "
+                           f"there); {kept}") from err
         raise
 
 
@@ -73,15 +83,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return state
 
 
-def load_model(path: str | os.PathLike, use_ema: bool = True, device: Any = "cpu"):
+def load_model(path: str | os.PathLike, use_ema: bool = True, device: Any = "cpu",
+               state: dict[str, Any] | None = None):
     """Rebuild the model of a checkpoint in eval mode: ``(model, config)``.
 
     ``use_ema`` picks the exponential moving average of the weights when the run kept one.
+    ``state``: the checkpoint already read by ``load_checkpoint(path)`` (read once).
     """
     from hvae.config import Config
     from hvae.model import NVAE
 
-    state = load_checkpoint(path)
+    state = load_checkpoint(path) if state is None else state
     config = Config.from_dict(state["config"])
     model = NVAE(config)
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
@@ -162,11 +174,33 @@ class Checkpointer:
             run.scaler.load_state_dict(state["scaler"])
         run.step, run.best = int(state["step"]), float(state["best"])
         run.epoch = int(state["data_position"]["epoch"])
-        run.batch_in_epoch = int(state["data_position"]["batch"])
+        run.batch_in_epoch = Checkpointer._batches_done(run, state, path)
         if rank == 0:
             set_rng_state(state["rng"])
         else:
             seed_everything(run.config.seed + rank + 1000 * run.step)
+
+    @staticmethod
+    def _batches_done(run, state: dict[str, Any], path) -> int:
+        """The loader batches of the current epoch already trained, counted in this
+        run's batch size: the checkpoint's count converted exactly (a finished epoch
+        stays finished), or an error when the position falls inside a batch."""
+        done, epoch = int(state["data_position"]["batch"]), int(state["data_position"]["epoch"])
+        saved, size = int(state["config"].get("batch_size", run.config.batch_size)), run.config.batch_size
+        if saved == size or done == 0:
+            return done
+        accum = int(state["config"].get("grad_accum_steps", 1))
+        if done >= len(run.train_loader.sampler) // saved // accum * accum:
+            return run.steps_per_epoch * run.accum  # the epoch was complete
+        images = done * saved
+        if images % size:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} stopped {images} images into epoch {epoch} "
+                f"(batch_size {saved}), which is not a whole number of batches of "
+                f"--batch_size {size}: resume with --batch_size {saved}, or one that "
+                f"divides {images}")
+        return images // size
+
     @staticmethod
     def _start_from_imported(run, path, state) -> None:
         """Fine-tuning from imported weights (``scripts/import_nvae.py``): the weights

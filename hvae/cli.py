@@ -23,9 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from hvae.errors import HvaeError
+from hvae.errors import HvaeError, RunFailed, exhausted
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT
 
 
 class UsageError(HvaeError, ValueError):
@@ -45,24 +46,37 @@ def one_line(message: object) -> str:
     return "; ".join(lines) or type(message).__name__
 
 
-def fail(prog: str, message: object) -> NoReturn:
-    """Print ``prog: error: message`` (one line) on stderr and exit with code 2."""
+def fail(prog: str, message: object, code: int = EXIT_USAGE) -> NoReturn:
+    """Print ``prog: error: message`` (one line) on stderr and exit with ``code``."""
     sys.stderr.flush()
     sys.stderr.write(f"{prog}: error: {one_line(message)}\n")
     sys.stderr.flush()
-    raise SystemExit(EXIT_USAGE)
+    raise SystemExit(code)
 
 
 def entry_point(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate ``main(argv=None)``: the project's own errors (``HvaeError``) end the
-    command with one line and exit code 2; anything else propagates with its traceback."""
+    command with one line and their exit code (2 for bad input, 1 for a run that
+    failed), and so does a resource that ran out (disk, memory: 1); Ctrl-C ends it with
+    one line and 130; anything else propagates with its traceback."""
     def decorate(main: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(main)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             try:
                 return main(*args, **kwargs)
             except HvaeError as err:
-                fail(prog, err)
+                fail(prog, err, err.exit_code)
+            except Exception as err:  # a resource ran out where no caller said more
+                resource = exhausted(err)
+                if resource is None:
+                    raise
+                first = next((l.strip() for l in str(err).splitlines() if l.strip()), "")
+                fail(prog, f"out of {resource}: {first}" if resource != "disk space" else
+                     f"no space left on device: {first}", RunFailed.exit_code)
+            except KeyboardInterrupt:
+                sys.stderr.write(f"\n{prog}: interrupted (Ctrl-C)\n")
+                sys.stderr.flush()
+                raise SystemExit(EXIT_INTERRUPTED) from None
         return wrapped
     return decorate
 
@@ -206,6 +220,16 @@ def parse_device(text: str | None) -> str | None:
 DEVICE = argtype(parse_device)  # argparse type for --device
 
 
+@argtype
+def boolean(text: str) -> bool:
+    """argparse ``type``: true/false, yes/no, on/off, 1/0 (as config fields take them)."""
+    value = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}.get(text.strip().lower())
+    if value is None:
+        raise ValueError(f"{text!r} is not allowed: true or false")
+    return value
+
+
 def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
     """A folder that exists or can be created: not an existing file, no file on the way,
     writable.  Returns it as a Path; ``UsageError`` naming ``flag`` otherwise."""
@@ -220,6 +244,18 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
         raise UsageError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file")
     if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {str(path)!r}: {str(parent)!r} is not writable")
+    return path
+
+
+def check_new_file(path: str | os.PathLike, flag: str, overwrite: bool) -> Path:
+    """A file to write: not a folder, and not an existing file unless ``overwrite``
+    (the tool's ``--overwrite``).  ``UsageError`` naming ``flag`` otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} is a folder; give the file to write")
+    if path.exists() and not overwrite:
+        raise UsageError(f"{flag} {str(path)!r} already exists: give another path, or "
+                         "--overwrite to replace it")
     return path
 
 

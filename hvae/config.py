@@ -189,6 +189,9 @@ class Config:
         for f in fields(self):  # inf / nan would pass the range checks below, or fail them confusingly
             if isinstance(getattr(self, f.name), float):
                 need(math.isfinite(getattr(self, f.name)), f.name, "a finite number")
+        need(self.name not in (".", "..") and not any(c in self.name for c in "/\\\0"), "name",
+             "one folder name (no '/', not '..'): the run folder inside --out")
+        need(0 <= self.seed < 2**32, "seed", "an integer from 0 to 4294967295")
         need(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
         need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
         need(self.flow_type in FLOW_TYPES, "flow_type", f"one of {', '.join(FLOW_TYPES)}")
@@ -356,7 +359,8 @@ def preset(name: str, /, **overrides: Any) -> Config:
 
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--preset`` and one flag per Config field (dashes or underscores)."""
-    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="the base recipe (default: demo)")
     group = parser.add_argument_group("config overrides (default: the preset's value)")
     for f in fields(Config):
         if f.name == "preset":
@@ -367,10 +371,101 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def explicit_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given on the command line (as typed; unset flags are absent)."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Build the Config from parsed ``add_config_args`` flags (unset flags keep the preset)."""
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    return preset(args.preset, **overrides)
+    return preset(args.preset or "demo", **explicit_overrides(args))
+
+
+# The fields that define the model (and the shape of the data it reads).
+ARCHITECTURE = (
+    "in_channels", "image_size", "pad_input", "binary", "num_x_bits", "num_channels_enc",
+    "num_channels_dec", "num_latent_scales", "num_groups_per_scale", "num_latent_per_group",
+    "ada_groups", "min_groups_per_scale", "num_preprocess_blocks", "num_preprocess_cells",
+    "num_postprocess_blocks", "num_postprocess_cells", "num_cell_per_cond_enc",
+    "num_cell_per_cond_dec", "use_se", "dec_cell_expand", "post_cell_expand", "res_dist",
+    "num_nf", "flow_type", "num_mixture_dec")
+# What ``train.py --resume`` may change.  How the run runs (not what it computes) ...
+RESUME_HOW = ("name", "out", "data", "num_workers", "log_every", "eval_every", "checkpoint_every",
+              "eval_batches", "num_iw_samples", "amp", "sync_bn", "compile", "cuda_graphs",
+              "activation_checkpointing", "channels_last", "deterministic")
+# ... and its length; the schedules are then recomputed for the new length (so the
+# continued run is not the uninterrupted one).  The rest of the recipe stays.
+RESUME_LENGTH = ("epochs", "max_steps", "batch_size", "grad_accum_steps")
+
+
+def resume_config(saved: dict[str, Any], explicit: dict[str, Any], preset_name: str | None,
+                  path: str, imported: bool = False) -> Config:
+    """The config of a resumed run: the checkpoint's, with the flags given now.
+
+    A flag may change only what ``RESUME_HOW`` and ``RESUME_LENGTH`` list; from imported
+    weights (a fresh optimiser at step 0) anything but the architecture.  Any other
+    flag that differs from the checkpoint's value is an error naming both values."""
+    old = Config.from_dict(saved)
+    new = Config.from_dict({**saved, **explicit})
+    differ = [k for k in explicit if getattr(old, k) != getattr(new, k)]
+    if preset_name is not None and preset_name != old.preset:
+        differ.insert(0, "preset")
+        new.preset = preset_name
+    if imported:
+        refused = [k for k in differ if k in ARCHITECTURE or k == "preset"]
+    else:
+        refused = [k for k in differ if k not in RESUME_HOW + RESUME_LENGTH]
+    if refused:
+        shown = ", ".join(f"{k} (checkpoint {getattr(old, k)!r}, now {getattr(new, k)!r})"
+                          for k in refused)
+        raise ConfigError(
+            f"--resume {path}: the flags differ from the checkpoint's config in {shown}; "
+            + ("imported weights keep their architecture" if imported else
+               "a resumed run keeps its recipe and may change only its length (--epochs, "
+               "--max_steps, --batch_size, --grad_accum_steps) and how it runs (--data, "
+               "--amp, --num_workers, --name, ...)")
+            + ": drop those flags, or start a new run")
+    new.preset = old.preset
+    return new
+
+
+# Fields only a real training run reads (its data, length, run folder, logs and
+# evaluations): a tool that times or checks steps on synthetic data ignores them.
+RUN_ONLY = ("data", "dataset", "num_workers", "epochs", "max_steps", "name", "out", "log_every",
+            "eval_every", "checkpoint_every", "num_iw_samples", "eval_batches")
+
+
+def inert_fields(config: Config) -> dict[str, str]:
+    """Fields whose value changes nothing in ``config``, with the reason."""
+    why = {}
+    if config.dataset == "mnist_subset":
+        why["data"] = "the bundled dataset 'mnist_subset' reads no files"
+    if not config.num_nf:
+        why["flow_type"] = "there are no flows (--num_nf 0)"
+    if not config.ada_groups:
+        why["min_groups_per_scale"] = "it applies with --ada_groups true"
+    if config.binary:
+        why["num_x_bits"] = why["num_mixture_dec"] = "binary data has a Bernoulli decoder"
+    if not config.grad_skip:
+        why["grad_skip_factor"] = "gradient skipping is off (--grad_skip false)"
+    if not config.weight_decay_norm_anneal:
+        why["weight_decay_norm_init"] = "it applies with --weight_decay_norm_anneal true"
+    if config.compile == "full":
+        why["activation_checkpointing"] = "with --compile full the compiler decides what to recompute"
+    return why
+
+
+def check_flags_matter(config: Config, explicit: dict[str, Any], base: Config,
+                       unused: dict[str, str] | None = None) -> None:
+    """Refuse a flag that would do nothing: one that sets an inert field (``inert_fields``)
+    to a value other than ``base``'s (the preset's, or the checkpoint's), or one in
+    ``unused`` (field -> why this program ignores it)."""
+    for name in explicit:
+        if unused and name in unused:
+            raise ConfigError(f"--{name} is not used: {unused[name]}")
+        why = inert_fields(config).get(name)
+        if why and getattr(config, name) != getattr(base, name):
+            raise ConfigError(f"--{name} {explicit[name]} does nothing: {why}")
 
 
 def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None

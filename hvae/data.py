@@ -536,11 +536,45 @@ def lmdb_package():
 
 
 def open_lmdb(path, write: bool = False, map_size: int = 1 << 40):
-    """Open an LMDB environment: read-only without locks for reading."""
+    """Open an LMDB environment: read-only without locks for reading, after
+    ``check_lmdb_size``."""
     lmdb = lmdb_package()
     if write:
         return lmdb.open(str(path), map_size=map_size, subdir=True)
+    check_lmdb_size(path)
     return lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+
+
+LMDB_MAGIC = 0xBEEFC0DE
+
+
+def check_lmdb_size(folder) -> None:
+    """A ``DataError`` naming ``folder/data.mdb`` when the file is shorter than its own
+    header says (a truncated copy).  LMDB maps the file into memory, and a read past its
+    end kills the process with SIGBUS instead of raising.  The header is LMDB's (0.9)
+    meta page: the newer of two copies (pages 0 and 1) gives the last page in use; the
+    page size is stored in page 0.  A file this does not recognise is left to lmdb."""
+    path = Path(folder) / "data.mdb"
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(2 * 65536 + 152), os.fstat(f.fileno()).st_size
+    except OSError:
+        return  # missing or unreadable: lmdb.open says so
+    metas = []
+    page_size = struct.unpack_from("=I", head, 40)[0] if len(head) >= 152 else 0
+    for offset in (0, page_size):
+        if page_size and len(head) >= offset + 152:
+            magic, version = struct.unpack_from("=II", head, offset + 16)
+            if magic == LMDB_MAGIC and version == 1:
+                metas.append(struct.unpack_from("=QQ", head, offset + 136))  # last page, txn id
+    if not metas:
+        return
+    last_page = max(metas, key=lambda m: m[1])[0]
+    needed = (last_page + 1) * page_size
+    if size < needed:
+        raise DataError(f"LMDB file {path} is truncated: {size} bytes, but its header says "
+                        f"{needed} ({last_page + 1} pages of {page_size}); copy it again, or "
+                        "rebuild it with scripts/make_lmdb.py")
 
 
 _READERS: dict[str, object] = {}  # this process's open read-only environments, by real path

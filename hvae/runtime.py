@@ -211,6 +211,26 @@ class Interrupted(Exception):
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """While active, SIGTERM and SIGINT raise ``Interrupted`` at once: the block's
+    cleanup (e.g. the run folder's lock) runs however the process is stopped.  For
+    where nothing needs saving yet; ``StopSignals`` takes over inside the loop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, _frame):
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in StopSignals.SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class StopSignals:
     """While active, SIGTERM and SIGINT only set a flag (``requested``); the loop
     checks it at step boundaries, so a signal never lands inside a step or a

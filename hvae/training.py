@@ -31,17 +31,18 @@ from torch.nn.parallel import DistributedDataParallel
 from hvae import data as hdata
 from hvae import evaluation as ev
 from hvae import objectives
-from hvae.checkpoint import Checkpointer
+from hvae.checkpoint import Checkpointer, DiskFull
 from hvae.config import Config, ConfigError
-from hvae.errors import HvaeError
+from hvae.errors import RunFailed, exhausted
 from hvae.graphed_step import SyncFreeStep, graph_blockers, side_stream
 from hvae.logger import MetricsLogger
 from hvae.model import NVAE
 from hvae.model.compile import compile_model
 from hvae.model.remat import enable_activation_checkpointing
 from hvae.model.sync_bn import convert_sync_batchnorm
+from hvae.run_folder import claim_run_folder
 from hvae.runtime import (Interrupted, Runtime, StopSignals, choose_fast_path, configure_backends,
-                          init_runtime, runtime_session, seed_everything)
+                          init_runtime, interrupt_on_signals, runtime_session, seed_everything)
 from hvae.schedules import Schedule
 from hvae.step import EMA, GradSkipper, TrainStep
 
@@ -65,8 +66,8 @@ class SkipBatches(torch.utils.data.Sampler):
         return max(len(self.sampler) - self.skip, 0)
 
 
-class TrainingDiverged(HvaeError, RuntimeError):
-    """The weights became non-finite: the run cannot continue from here."""
+class TrainingDiverged(RunFailed, RuntimeError):
+    """The weights became non-finite: the run cannot continue from here (exit code 1)."""
 
 
 class Trainer:
@@ -105,6 +106,10 @@ class Trainer:
         self._check_data_fits()
         if cfg.sync_bn and rt.distributed:
             self.model = convert_sync_batchnorm(self.model)
+        elif cfg.sync_bn:
+            print("--sync_bn: one process, whose BatchNorm statistics already cover the whole "
+                  "batch: nothing to synchronise (it acts under torchrun)", file=sys.stderr,
+                  flush=True)
         self.spectral = objectives.SpectralRegularizer(self.model, cfg.num_power_iter).to(device)
         wants_graphs = cfg.cuda_graphs == "true"
         blockers = graph_blockers(cfg, rt) if wants_graphs else []
@@ -131,8 +136,11 @@ class Trainer:
         self.best = math.inf
         self.signals = StopSignals(verbose=False)  # replaced by an active one inside fit()
         seed_everything(cfg.seed + 1 + rt.rank)  # per-rank noise streams
+        self.phase = "training"  # or "evaluation", "the final importance-weighted test pass"
+        self.last_checkpoint: tuple[Path, int] | None = None  # (file, step) a resume would use
         if resume:
             Checkpointer.restore(self, resume, rank=rt.rank if rt.distributed else 0)
+            self.last_checkpoint = (Path(resume), self.step)
 
     def _make_step(self, net: nn.Module, blockers: list[str]) -> TrainStep:
         """The eager step, or with ``cuda_graphs`` the captured one unless ``blockers``
@@ -180,6 +188,35 @@ class Trainer:
 
     def save(self, name: str = "checkpoint.pt") -> None:
         self.checkpointer.save(self, name)
+        if name == "checkpoint.pt" and self.runtime.is_main:
+            self.last_checkpoint = (self.run_dir / name, self.step)
+
+    def resource_failure(self, err: BaseException) -> RunFailed | None:
+        """``err`` as one line when a resource ran out (None otherwise): which one, where,
+        what is saved, and what to try."""
+        resource = exhausted(err)
+        if resource is None:
+            return None
+        cfg = self.config
+        saved = ("no checkpoint was saved yet" if self.last_checkpoint is None else
+                 f"the last checkpoint is {self.last_checkpoint[0]} (step {self.last_checkpoint[1]})")
+        if resource == "disk space":
+            what = str(err) if isinstance(err, DiskFull) else "no space left on device"
+            return RunFailed(f"{what} at step {self.step}; {saved}: free space there, or copy "
+                             "the run folder to a disk with room and continue with --resume "
+                             "(--out there)")
+        if resource == "device memory":
+            resource = f"GPU memory ({self.runtime.device})"
+        if self.phase.startswith("the final"):
+            return RunFailed(
+                f"out of {resource} in {self.phase} (K={cfg.num_iw_samples}, batch "
+                f"{cfg.batch_size}); training is finished and {saved}: evaluate it with "
+                "evaluate.py --mode nll and a smaller --batch-size or --iw-chunk")
+        return RunFailed(
+            f"out of {resource} at step {self.step} ({self.phase}, batch {cfg.batch_size}); "
+            f"{saved}: try a smaller --batch_size (--grad_accum_steps keeps the global batch), "
+            "--activation_checkpointing true or --amp bf16"
+            + (", with --resume" if self.last_checkpoint else ""))
 
     # ---------------------------------------------------------------- the loop
     def epoch_batches(self) -> Iterator[torch.Tensor]:
@@ -220,6 +257,8 @@ class Trainer:
             print(f"global batch {self.global_batch} = batch_size {cfg.batch_size} x "
                   f"grad_accum_steps {self.accum} x {self.runtime.world_size} process(es)",
                   file=sys.stderr, flush=True)
+            if cfg.max_steps:
+                print(self._what_ends_the_run(), file=sys.stderr, flush=True)
         with StopSignals(verbose=self.runtime.is_main) as self.signals:
             try:
                 while self.step < self.total_steps:
@@ -239,6 +278,16 @@ class Trainer:
                        / max(elapsed, 1e-9),
                        skipped_steps=int(self.skipper.skipped))
         return summary
+
+    def _what_ends_the_run(self) -> str:
+        """Which of --max_steps and --epochs ends the run (both given: the earlier)."""
+        cfg, epoch_steps = self.config, self.config.epochs * self.steps_per_epoch
+        if cfg.max_steps < epoch_steps:
+            return (f"--max_steps {cfg.max_steps} ends the run, before the {cfg.epochs} "
+                    f"epoch(s) of --epochs ({epoch_steps} steps of {self.steps_per_epoch}); "
+                    f"the schedules are fitted to {cfg.max_steps} steps")
+        return (f"--epochs {cfg.epochs} ends the run at step {epoch_steps} "
+                f"({self.steps_per_epoch} per epoch), before --max_steps {cfg.max_steps}")
 
     def _train_epoch(self, bar, stop_at_step: int | None) -> bool:
         """The rest of this epoch's steps; True when stopped at ``stop_at_step``."""
@@ -280,11 +329,11 @@ class Trainer:
         non-finite (every later step would be skipped and the run would 'succeed')."""
         if not self.train_step_fn.weights_are_finite():
             last = self.run_dir / "checkpoint.pt"
+            clip = "" if self.config.grad_clip else " or set --grad_clip"  # only when it is off
             raise TrainingDiverged(
                 f"the weights became non-finite at or before step {self.step} (learning rate "
                 f"{self.schedule.learning_rate(self.step - 1):.3g}); the last good checkpoint is "
-                f"{last if last.exists() else 'not written yet'}: lower --learning_rate or "
-                "set --grad_clip")
+                f"{last if last.exists() else 'not written yet'}: lower --learning_rate{clip}")
 
     def _save_checked(self, name: str = "checkpoint.pt") -> None:
         """Save, but never weights that are no longer finite."""
@@ -307,12 +356,15 @@ class Trainer:
         evaluation then has what it has after eager steps.
         """
         self.train_step_fn.release_graph()
+        self.phase = "evaluation"
         try:
             return self._evaluate_and_save(final)
         except Interrupted:
             self._save_checked()
             self._announce_stop()
             raise
+        finally:
+            self.phase = "training"
 
     def _evaluate_and_save(self, final: bool) -> dict[str, Any]:
         rt, cfg = self.runtime, self.config
@@ -329,6 +381,7 @@ class Trainer:
         self._save_checked()
         stop()
         if final:  # every rank evaluates its own shard of the test set; sums are all-reduced
+            self.phase = "the final importance-weighted test pass"
             loader = (hdata.build_loader(cfg, "test", distributed=True, rank=rt.rank,
                                          world_size=rt.world_size, device=rt.device)
                       if rt.distributed else self.test_loader)
@@ -361,11 +414,30 @@ class Trainer:
 
 
 def train(config: Config, resume: str | os.PathLike | None = None, progress: bool = True,
-          stop_at_step: int | None = None, device: str | None = None) -> dict[str, Any]:
-    """Train ``config`` (under torchrun when launched so) and return the final metrics."""
-    with runtime_session(device) as runtime:
-        trainer = Trainer(config, runtime, resume=resume, progress=progress)
+          stop_at_step: int | None = None, device: str | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Train ``config`` (under torchrun when launched so) and return the final metrics.
+
+    The run folder is owned while training (``hvae.run_folder``, rank 0): a new run
+    refuses a folder that holds another run unless ``overwrite``, and a second live
+    process is kept out."""
+    run_dir = Path(config.out) / config.run_name
+    with runtime_session(device) as runtime, \
+            (claim_run_folder(run_dir, resume, overwrite) if runtime.is_main
+             else contextlib.nullcontext()), interrupt_on_signals():
+        try:
+            trainer = Trainer(config, runtime, resume=resume, progress=progress)
+        except Interrupted as stop:
+            if runtime.is_main:
+                print(f"{signal.Signals(stop.signum).name}: stopped before the first step; "
+                      "nothing was saved", file=sys.stderr, flush=True)
+            raise
         try:
             return trainer.fit(stop_at_step=stop_at_step)
+        except Exception as err:
+            failure = trainer.resource_failure(err)
+            if failure is None:
+                raise
+            raise failure from err
         finally:
             trainer.logger.close()

@@ -52,7 +52,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hvae import cli  # noqa: E402
-from hvae.config import Config, parse_args  # noqa: E402
+from hvae.errors import HvaeError  # noqa: E402
+from hvae.config import Config, check_flags_matter, explicit_overrides, parse_args, preset  # noqa: E402
 
 PROG = "ablate_kl.py"
 
@@ -227,12 +228,17 @@ def run_one(sweep_dir: Path, sweep: dict, variant: str, seed: int, device: str |
 
 def run_sequential(sweep_dir: Path, sweep: dict, todo: list[tuple[str, int]],
                    device: str | None, progress: bool) -> None:
-    """In this process, one after another; a failed run is reported and retried next time."""
+    """In this process, one after another; a failed run is reported and retried next time.
+    A stop signal (``Interrupted``) ends the sweep after the run in progress saves."""
+    from hvae.runtime import Interrupted
+
     for variant, seed in todo:
         try:
             run_one(sweep_dir, sweep, variant, seed, device, progress)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, Interrupted):
             raise
+        except HvaeError as err:  # the run's own one-line reason
+            print(f"run {run_name(variant, seed)} FAILED: {cli.one_line(err)}", flush=True)
         except Exception:  # noqa: BLE001 - one broken variant must not stop the sweep
             print(f"run {run_name(variant, seed)} FAILED:\n{traceback.format_exc()}", flush=True)
 
@@ -259,8 +265,9 @@ def run_parallel(sweep_dir: Path, todo: list[tuple[str, int]], gpus: list[str],
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
             print(f"gpu {gpu}: run {name} (log {log})", flush=True)
             with open(log, "a") as f:
+                start = f.tell()
                 rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-            status = "done" if rc == 0 else f"FAILED (exit {rc}, see the log)"
+            status = "done" if rc == 0 else f"FAILED (exit {rc}): {last_error(log, start)}"
             print(f"gpu {gpu}: run {name} {status}", flush=True)
 
     threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in gpus]
@@ -268,6 +275,17 @@ def run_parallel(sweep_dir: Path, todo: list[tuple[str, int]], gpus: list[str],
         t.start()
     for t in threads:
         t.join()
+
+
+def last_error(log: Path, start: int = 0) -> str:
+    """Why a worker's run failed, from its log (written after ``start``): its one-line
+    error, else the last line (a traceback's), with the log's path."""
+    with open(log, "rb") as f:
+        f.seek(start)
+        lines = [l.strip() for l in f.read().decode(errors="replace").splitlines() if l.strip()]
+    reason = next((l for l in reversed(lines) if ": error: " in l), lines[-1] if lines else
+                  "no output")
+    return f"{reason} (log {log})"
 
 
 # ------------------------------------------------------------------ reporting
@@ -437,6 +455,12 @@ def plan_runs(base: Config, variants: list[str], seeds: list[int],
 @cli.entry_point(PROG)  # bad input (arguments, config, data ...): one line, exit code 2
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv, build_parser())
+    unused = {"name": "each run's folder is named after its variant and seed (--out names "
+                      "the sweep folder)"}
+    check_flags_matter(config, explicit_overrides(args), preset(config.preset), unused)
+    if args.budget_minutes and config.max_steps:
+        raise cli.UsageError("give --budget-minutes or --max-steps, not both (both set the "
+                             "step count of every run)")
     if args.list:
         print_variants(config)
         return 0
@@ -444,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_one:  # a worker subprocess of --gpus: everything else comes from sweep.json
         variant, seed = args.run_one.rsplit(":", 1)
         sweep = json.loads((sweep_dir / "sweep.json").read_text())
-        run_one(sweep_dir, sweep, variant, int(seed), args.device, not args.no_progress)
+        run_one(sweep_dir, sweep, variant, int(seed), cli.parse_device(args.device),
+                not args.no_progress)
         return 0
     variants = select_variants(args.variants)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
@@ -464,7 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     if todo and gpus:
         run_parallel(sweep_dir, todo, gpus, args.device)
     elif todo:
-        run_sequential(sweep_dir, sweep, todo, args.device, not args.no_progress)
+        from hvae.runtime import Interrupted
+        try:
+            run_sequential(sweep_dir, sweep, todo, args.device, not args.no_progress)
+        except Interrupted as stop:  # SIGTERM / Ctrl-C: the run in progress saved its checkpoint
+            print("sweep stopped; run the same command again to resume it", flush=True)
+            return stop.exit_code
     rows = report(sweep_dir, sweep, plan)
     finished = all(result_path(sweep_dir, run_name(v, s)).exists() for v, s in plan)
     return 0 if rows and finished else 1

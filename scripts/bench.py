@@ -60,7 +60,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hvae import cli  # noqa: E402
-from hvae.config import parse_args  # noqa: E402
+from hvae.config import RUN_ONLY, check_flags_matter, explicit_overrides, parse_args, preset  # noqa: E402
 from hvae.memory import resident_at_backward  # noqa: E402
 from hvae.model import compile as compile_module  # noqa: E402
 from hvae.runtime import Runtime  # noqa: E402
@@ -317,17 +317,44 @@ def explain_counts(model, x) -> dict:
     return out
 
 
+TIMING_ONLY = {"steps": None, "warmup": None, "device": None, "num_samples": None,
+               "op_report": 0, "backend": None, "kernels": False, "explain": False}
+
+
+def check_args(config, args) -> None:
+    """Refuse a flag this run would ignore, and a compile backend torch does not have."""
+    unused = {name: "bench.py times the step on synthetic data (no dataset, no run folder)"
+              for name in RUN_ONLY}
+    check_flags_matter(config, explicit_overrides(args), preset(config.preset), unused)
+    if args.memory_only:
+        for dest, default in TIMING_ONLY.items():
+            if getattr(args, dest) != default:
+                raise cli.UsageError(f"--{dest.replace('_', '-')} does nothing with --memory-only "
+                                     "(no step is timed)")
+    if args.backend is not None:
+        if config.compile == "none":
+            raise cli.UsageError("--backend does nothing without --compile regional or full")
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.backend not in backends:
+            raise cli.UsageError(f"--backend {args.backend!r} is not a torch.compile backend: "
+                                 f"one of {', '.join(backends)}")
+    args.steps = 10 if args.steps is None else args.steps
+    args.warmup = 3 if args.warmup is None else args.warmup
+    args.num_samples = 16 if args.num_samples is None else args.num_samples
+
+
 @cli.entry_point("bench.py")  # bad input (arguments, config, device): one line, exit code 2
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=cli.integer(1), default=10,
-                        help="timed steps after warm-up")
-    parser.add_argument("--warmup", type=cli.integer(0), default=3)
+    parser.add_argument("--steps", type=cli.integer(1), default=None,
+                        help="timed steps after warm-up (default 10)")
+    parser.add_argument("--warmup", type=cli.integer(0), default=None, help="default 3")
     parser.add_argument("--threads", type=cli.integer(0), default=0,
                         help="torch CPU threads (0: default)")
     parser.add_argument("--device", default=None, type=cli.DEVICE)
-    parser.add_argument("--num-samples", type=cli.integer(1), default=16)
+    parser.add_argument("--num-samples", type=cli.integer(1), default=None,
+                        help="images of the timed sampling (default 16)")
     parser.add_argument("--op-report", type=cli.integer(0), default=0, metavar="N",
                         help="also report the N most frequent ops of the counted step")
     parser.add_argument("--backend", default=None,
@@ -342,6 +369,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-only", action="store_true",
                         help="only the fake-tensor measurement of the memory at backward start")
     config, args = parse_args(argv, parser)
+    check_args(config, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     memory = resident_at_backward(config)

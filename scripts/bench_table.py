@@ -80,7 +80,12 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=cli.finite_float(0, above=True), default=1800,
                         help="seconds per row")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every report")
+    parser.add_argument("--overwrite", action="store_true", help="replace --json FILE if it exists")
     args = parser.parse_args(argv)
+    if args.json:  # refused now rather than after an hour of benchmarks
+        cli.check_new_file(args.json, "--json", args.overwrite)
+    elif args.overwrite:
+        raise cli.UsageError("--overwrite does nothing without --json FILE")
     presets = names(args.presets, sorted(PRESETS), "presets")
     amps = names(args.amp, AMP_MODES, "amp")
     modes = names(args.compile, COMPILE_MODES, "compile")

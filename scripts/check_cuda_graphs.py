@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hvae import cli  # noqa: E402
-from hvae.config import parse_args  # noqa: E402
+from hvae.config import RUN_ONLY, check_flags_matter, explicit_overrides, parse_args, preset  # noqa: E402
 from hvae.graphed_step import SyncFreeStep  # noqa: E402
 from hvae.runtime import Runtime  # noqa: E402
 from hvae.training import Trainer  # noqa: E402
@@ -82,6 +82,9 @@ def main(argv=None) -> int:
                         help="largest relative loss difference that passes")
     parser.add_argument("--device", default=None, type=cli.DEVICE)
     config, args = parse_args(argv, parser)
+    unused = {name: "check_cuda_graphs.py compares steps on synthetic data" for name in RUN_ONLY}
+    unused["cuda_graphs"] = "check_cuda_graphs.py runs both the eager and the captured step"
+    check_flags_matter(config, explicit_overrides(args), preset(config.preset), unused)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batches = synthetic_batches(config, 2, device)
     # schedules stay in their warm-up regime; a rate at which rounding does not grow chaotically

@@ -1,6 +1,6 @@
 """Import a checkpoint written by NVAE's own train.py (NVlabs/NVAE) as an hvae checkpoint.
 
-    python scripts/import_nvae.py checkpoint.pt --out nvae_cifar10.pt
+    python scripts/import_nvae.py checkpoint.pt --out nvae_cifar10.pt   # --overwrite to replace it
     python evaluate.py --checkpoint nvae_cifar10.pt --mode nll --data DIR
     python evaluate.py --checkpoint nvae_cifar10.pt --mode sample --temp 0.7 --readjust-bn
     python train.py --resume nvae_cifar10.pt --data DIR --name finetune    # fine-tuning
@@ -327,14 +327,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="checkpoint.pt written by NVAE's train.py")
     parser.add_argument("--out", required=True, help="hvae checkpoint to write")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out when it exists (default: refuse)")
     return parser.parse_args(argv)
 
 
 @cli.entry_point(PROG)
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if Path(args.out).is_dir():
-        raise cli.UsageError(f"--out {args.out} is a folder; give the checkpoint file to write")
+    out = cli.check_new_file(args.out, "--out", args.overwrite)
+    if out.exists() and out.resolve() == Path(args.checkpoint).resolve():
+        raise cli.UsageError(f"--out {args.out} is the NVAE checkpoint being imported; "
+                             "give another path")
     import json
 
     print(json.dumps(import_checkpoint(args.checkpoint, args.out)))

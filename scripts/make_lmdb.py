@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import signal
 import sys
 from functools import partial
 from multiprocessing import Pool
@@ -47,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="png (lossless, compact) or raw uint8 with a shape header (fast)")
     parser.add_argument("--workers", type=cli.integer(1), default=1,
                         help="processes encoding images")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace LMDBs that DST/train and DST/test already hold "
+                             "(default: refuse)")
     args = parser.parse_args(argv)
     if not 0 <= args.test_fraction < 1:
         parser.error(f"argument --test-fraction: {args.test_fraction} is not allowed: "
@@ -67,12 +71,17 @@ def encode(path: Path, size: int | None, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def _ignore_ctrl_c() -> None:
+    """In a worker: Ctrl-C is the main process's to handle (one line, no worker tracebacks)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def write_lmdb(dst: Path, files: list[Path], *, size: int | None, fmt: str, workers: int) -> int:
     """Write ``files`` to a new LMDB at ``dst``; returns the number of images."""
     dst.mkdir(parents=True, exist_ok=True)
     env = data.open_lmdb(dst, write=True)
     job = partial(encode, size=size, fmt=fmt)
-    pool = Pool(workers) if workers > 1 else None
+    pool = Pool(workers, initializer=_ignore_ctrl_c) if workers > 1 else None
     values = pool.imap(job, files, chunksize=16) if pool else map(job, files)
     try:
         txn = env.begin(write=True)
@@ -113,8 +122,12 @@ def main(argv=None) -> int:
             raise cli.UsageError(f"--src: no {split} images found under {str(where)!r} "
                                  f"({', '.join(data.IMAGE_EXTENSIONS)})")
         cli.check_output_dir(dst / split, "--dst")
-        if (dst / split / "data.mdb").exists():
-            raise cli.UsageError(f"--dst: {dst / split} already holds an LMDB; remove it first")
+        if (dst / split / "data.mdb").exists() and not args.overwrite:
+            raise cli.UsageError(f"--dst: {dst / split} already holds an LMDB: give another "
+                                 "--dst, or --overwrite to replace it")
+    if args.overwrite:
+        for split in splits:
+            remove_lmdb(dst / split)
     written = []
     try:
         for split, files in splits.items():
@@ -123,10 +136,14 @@ def main(argv=None) -> int:
             print(f"{split}: {len(files)} images -> {dst / split}")
     except BaseException:  # e.g. an unreadable image (DataError naming it): remove what this
         for folder in written:  # run wrote, so that the same command can simply be rerun
-            for name in ("data.mdb", "lock.mdb"):
-                (folder / name).unlink(missing_ok=True)
+            remove_lmdb(folder)
         raise
     return 0
+
+
+def remove_lmdb(folder: Path) -> None:
+    for name in ("data.mdb", "lock.mdb"):
+        (folder / name).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hvae import cli  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from hvae import cli  # noqa: E402
@@ -254,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="run these tests for every mutant instead of each mutant's own list "
                         "(e.g. whole files of an older suite with --ref)")
     args = p.parse_args(argv)
+    unknown = [n for n in args.only.split(",") if n and n not in {m.name for m in MUTANTS}]
+    if unknown:  # a typo would otherwise check nothing and pass
+        p.error(f"--only: unknown mutant(s) {', '.join(unknown)} (--list names them)")
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only.split(",")]
     if args.tests:
         chosen = [Mutant(m.name, m.file, m.old, m.new, args.tests, m.what) for m in chosen]

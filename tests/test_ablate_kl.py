@@ -176,6 +176,7 @@ def test_gpu_workers_pull_runs_from_the_queue(ablate, tmp_path, monkeypatch):
         return type("Done", (), {"returncode": 0})()
 
     monkeypatch.setattr(ablate.subprocess, "run", fake_run)
+    monkeypatch.setattr(ablate.cli, "parse_device", lambda d: d)  # the workers' GPUs are pretend
     argv = ["--variants", "full,no_balance,beta_2", "--gpus", "0,1", "--max-steps", "5",
             "--out", str(tmp_path)] + TINY
     assert ablate.main(argv) == 0

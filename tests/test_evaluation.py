@@ -717,3 +717,17 @@ def test_reconstruction_grid_spreads_over_a_class_ordered_test_set():
     assert ev.evenly_spaced(dataset[:5], 32).shape[0] == 5        # fewer images than asked
     grid = ev.interleave_rows(x, -x, nrow=8)
     assert torch.equal(grid[:8], x[:8]) and torch.equal(grid[8:16], -x[:8])
+
+
+def test_cli_nll_honours_the_split(checkpoint, capsys):
+    """--split train evaluates the training images (it used to report the test split)."""
+    argv = ["--checkpoint", checkpoint, "--mode", "nll", "--num", 8, "--num-iw-samples", 2,
+            "--seed", 1, "--no-progress"]
+    train, test = (_main(argv + ["--split", split], capsys) for split in ("train", "test"))
+    assert train["split"] == "train" and test["split"] == "test"
+    model, config = load_model(checkpoint)
+    for res, split in ((train, "train"), (test, "test")):
+        loader = build_loader(config, split, shuffle=False, drop_last=False, max_images=8)
+        lib = ev.iw_log_likelihood(model, loader, 2, progress=False, seed=1)
+        assert res["nll_nats"] == pytest.approx(lib["nll_nats"], rel=1e-6), split
+    assert train["nll_nats"] != pytest.approx(test["nll_nats"])

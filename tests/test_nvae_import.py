@@ -161,7 +161,7 @@ def test_evaluate_nll_and_sample_on_imported_checkpoints(imported, tmp_path, cap
                              "config": {**state["config"], "dataset": "mnist_subset"}})
     capsys.readouterr()
     evaluate_cli.main(["--checkpoint", str(subset), "--mode", "nll", "--num", "4",
-                       "--num-iw-samples", "2", "--no-progress", "--out", str(tmp_path / "e1")])
+                       "--num-iw-samples", "2", "--no-progress"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["num_images"] == 4 and 0 < result["nll_nats"] < 2000
     rgb, _, _, _ = imported["rgb5_flow2_3scales"]
