@@ -63,7 +63,7 @@ from hvae import cli  # noqa: E402
 from hvae.config import RUN_ONLY, check_flags_matter, explicit_overrides, parse_args, preset  # noqa: E402
 from hvae.memory import resident_at_backward  # noqa: E402
 from hvae.model import compile as compile_module  # noqa: E402
-from hvae.runtime import Runtime  # noqa: E402
+from hvae.runtime import Runtime, resolve_compile  # noqa: E402
 from hvae.training import Trainer  # noqa: E402
 
 # Ops that move no data through a kernel (views, metadata): not counted as compute.
@@ -332,7 +332,8 @@ def check_args(config, args) -> None:
                 raise cli.UsageError(f"--{dest.replace('_', '-')} does nothing with --memory-only "
                                      "(no step is timed)")
     if args.backend is not None:
-        if config.compile == "none":
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if resolve_compile(config.compile, device)[0] == "none":
             raise cli.UsageError("--backend does nothing without --compile regional or full")
         backends = torch._dynamo.list_backends(exclude_tags=())
         if args.backend not in backends:
