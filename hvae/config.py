@@ -20,8 +20,6 @@ from typing import Any, Sequence
 from hvae import cli
 from hvae.errors import HvaeError
 
-DATASETS = ("mnist_subset", "mnist", "cifar10", "celeba64", "imagenet32",
-            "celebahq256", "ffhq256", "lmdb", "folder")
 # "auto" (the default of the three performance fields) is resolved for the run's device
 # by hvae.runtime.choose_fast_path: the fast path on CUDA, plain fp32 eager steps elsewhere.
 AMP_MODES = ("auto", "none", "fp16", "bf16")
@@ -192,6 +190,7 @@ class Config:
         need(self.name not in (".", "..") and not any(c in self.name for c in "/\\\0"), "name",
              "one folder name (no '/', not '..'): the run folder inside --out")
         need(0 <= self.seed < 2**32, "seed", "an integer from 0 to 4294967295")
+        from hvae.data import DATASETS  # the registered datasets (hvae.data.register_dataset)
         need(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
         need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
         need(self.flow_type in FLOW_TYPES, "flow_type", f"one of {', '.join(FLOW_TYPES)}")

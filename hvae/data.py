@@ -41,6 +41,7 @@ import os
 import pickle
 import struct
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -63,35 +64,27 @@ SPLIT_DIRS = {"train": ("train", "train.lmdb"), "test": ("test", "validation.lmd
 LMDB_LENGTH_KEY = b"length"
 RAW_MAGIC = b"RAW"
 
-# Colour datasets whose training items are flipped left-right (as NVAE does).
-FLIP_DATASETS = ("cifar10", "celeba64", "imagenet32", "celebahq256", "ffhq256")
+@dataclass(frozen=True)
+class DatasetSource:
+    """A dataset's facts, in one registration (``register_dataset``): its reader,
+    ``read(config, split) -> (images, labels or None)``; what ``--data DIR`` must hold
+    and how to get it (the error of a missing or wrong ``--data`` says both; "DIR"
+    stands for the folder); whether training flips its images left-right."""
+    read: Callable
+    expected: str = ""
+    how_to_get: str = ""
+    flip: bool = False
 
-_HOW_TO = {
-    "mnist": ("DIR/MNIST/raw/train-images-idx3-ubyte and t10k-images-idx3-ubyte (or .gz; "
-              "labels files optional)",
-              "python -c \"import torchvision; torchvision.datasets.MNIST('DIR', download=True)\""),
-    "cifar10": ("DIR/cifar-10-batches-py/{data_batch_1..5,test_batch}",
-                "python -c \"import torchvision; torchvision.datasets.CIFAR10('DIR', download=True)\""
-                " (or unpack https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into DIR)"),
-    "imagenet32": ("DIR/train_data_batch_1..10.npz and DIR/val_data.npz (also one folder down)",
-                   "download 'Train(32x32)' and 'Val(32x32)' npz archives of Downsampled ImageNet "
-                   "from https://image-net.org/download-images.php and unpack them into DIR"),
-    "celeba64": ("DIR/celeba/img_align_celeba/*.jpg + DIR/celeba/list_eval_partition.txt, "
-                 "or DIR/train + DIR/test (LMDBs or image folders)",
-                 "python -c \"import torchvision; torchvision.datasets.CelebA('DIR', split='all', "
-                 "download=True)\" (or get img_align_celeba.zip and list_eval_partition.txt from "
-                 "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html)"),
-    "celebahq256": ("DIR/train + DIR/test LMDBs (or image folders), 256x256 images",
-                    "get CelebA-HQ (https://github.com/tkarras/progressive_growing_of_gans) and run "
-                    "python scripts/make_lmdb.py --src IMAGES --dst DIR --size 256"),
-    "ffhq256": ("DIR/train + DIR/test LMDBs (or image folders), 256x256 images",
-                "get FFHQ (https://github.com/NVlabs/ffhq-dataset) and run "
-                "python scripts/make_lmdb.py --src images1024x1024 --dst DIR --size 256"),
-    "lmdb": ("DIR/train + DIR/test LMDBs",
-             "python scripts/make_lmdb.py --src IMAGE_FOLDER --dst DIR --size N"),
-    "folder": ("image files under DIR (or DIR/train + DIR/test)",
-               f"put images ({', '.join(IMAGE_EXTENSIONS)}) in DIR"),
-}
+
+DATASETS: dict[str, DatasetSource] = {}
+
+
+def register_dataset(name: str, read: Callable, *, expected: str = "", how_to_get: str = "",
+                     flip: bool = False) -> None:
+    """Make ``--dataset NAME`` available (the config accepts it, ``build_loader`` reads
+    it).  ``read(config, split)`` returns the split's images (a uint8 array [N, C, H, W],
+    or a sequence of [C, H, W] uint8 arrays) and their labels or None."""
+    DATASETS[name] = DatasetSource(read, expected, how_to_get, flip)
 
 
 class DataError(HvaeError, ValueError):
@@ -174,11 +167,12 @@ def build_dataset(config, split: str) -> ImageDataset:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     name = config.dataset
-    if name not in _SOURCES:
-        raise DataError(f"unknown dataset {name!r}: one of {', '.join(_SOURCES)}")
-    source, labels = _SOURCES[name](config, split)
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}: one of {', '.join(DATASETS)}")
+    registered = DATASETS[name]
+    source, labels = registered.read(config, split)
     dataset = ImageDataset(name, split, source, num_bits=config.num_x_bits,
-                           binary=config.binary, flip=split == "train" and name in FLIP_DATASETS,
+                           binary=config.binary, flip=split == "train" and registered.flip,
                            labels=labels)
     _check_dataset(dataset, config)
     return dataset
@@ -304,7 +298,7 @@ def _mnist_subset(config, split):
 # ------------------------------------------------------------ array datasets
 def _data_root(config) -> Path:
     """The --data DIR; a clear error when it is unset or missing."""
-    expected, how = _HOW_TO[config.dataset]
+    expected, how = DATASETS[config.dataset].expected, DATASETS[config.dataset].how_to_get
     if not config.data:
         raise DataError(f"dataset {config.dataset!r} needs --data DIR; expected {expected}. "
                         f"To get it: {how}")
@@ -315,7 +309,7 @@ def _data_root(config) -> Path:
 
 
 def _missing(config, root: Path, detail: str = "") -> DataError:
-    expected, how = _HOW_TO[config.dataset]
+    expected, how = DATASETS[config.dataset].expected, DATASETS[config.dataset].how_to_get
     detail = f" ({detail})" if detail else ""
     expected, how = expected.replace("DIR", str(root)), how.replace("DIR", str(root))
     return DataError(f"dataset {config.dataset!r}: no usable data at --data {root}{detail}; "
@@ -682,14 +676,45 @@ def _celeba64(config, split):
     return _split_images(config, split, lmdb_resize=True, celeba=True)
 
 
-_SOURCES: dict[str, Callable] = {
-    "mnist_subset": _mnist_subset,
-    "mnist": _mnist,
-    "cifar10": _cifar10,
-    "celeba64": _celeba64,
-    "imagenet32": _imagenet32,
-    "celebahq256": _split_images,
-    "ffhq256": _split_images,
-    "lmdb": functools.partial(_split_images, folders=False),
-    "folder": _split_images,
-}
+# The datasets: reader, what --data holds and how to get it, and the flip of training images.
+register_dataset("mnist_subset", _mnist_subset)  # bundled: no --data
+register_dataset(
+    "mnist", _mnist, flip=False,
+    expected="DIR/MNIST/raw/train-images-idx3-ubyte and t10k-images-idx3-ubyte (or .gz; "
+             "labels files optional)",
+    how_to_get="python -c \"import torchvision; torchvision.datasets.MNIST('DIR', download=True)\"")
+register_dataset(
+    "cifar10", _cifar10, flip=True,
+    expected="DIR/cifar-10-batches-py/{data_batch_1..5,test_batch}",
+    how_to_get="python -c \"import torchvision; torchvision.datasets.CIFAR10('DIR', download=True)\""
+               " (or unpack https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into DIR)")
+register_dataset(
+    "celeba64", _celeba64, flip=True,
+    expected="DIR/celeba/img_align_celeba/*.jpg + DIR/celeba/list_eval_partition.txt, "
+             "or DIR/train + DIR/test (LMDBs or image folders)",
+    how_to_get="python -c \"import torchvision; torchvision.datasets.CelebA('DIR', split='all', "
+               "download=True)\" (or get img_align_celeba.zip and list_eval_partition.txt from "
+               "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html)")
+register_dataset(
+    "imagenet32", _imagenet32, flip=True,
+    expected="DIR/train_data_batch_1..10.npz and DIR/val_data.npz (also one folder down)",
+    how_to_get="download 'Train(32x32)' and 'Val(32x32)' npz archives of Downsampled ImageNet "
+               "from https://image-net.org/download-images.php and unpack them into DIR")
+register_dataset(
+    "celebahq256", _split_images, flip=True,
+    expected="DIR/train + DIR/test LMDBs (or image folders), 256x256 images",
+    how_to_get="get CelebA-HQ (https://github.com/tkarras/progressive_growing_of_gans) and run "
+               "python scripts/make_lmdb.py --src IMAGES --dst DIR --size 256")
+register_dataset(
+    "ffhq256", _split_images, flip=True,
+    expected="DIR/train + DIR/test LMDBs (or image folders), 256x256 images",
+    how_to_get="get FFHQ (https://github.com/NVlabs/ffhq-dataset) and run "
+               "python scripts/make_lmdb.py --src images1024x1024 --dst DIR --size 256")
+register_dataset(
+    "lmdb", functools.partial(_split_images, folders=False), flip=False,
+    expected="DIR/train + DIR/test LMDBs",
+    how_to_get="python scripts/make_lmdb.py --src IMAGE_FOLDER --dst DIR --size N")
+register_dataset(
+    "folder", _split_images, flip=False,
+    expected="image files under DIR (or DIR/train + DIR/test)",
+    how_to_get=f"put images ({', '.join(IMAGE_EXTENSIONS)}) in DIR")

@@ -95,3 +95,40 @@ def test_a_new_loss_term_reaches_the_loss_and_the_logged_metrics(tmp_path, monke
         assert r["top_penalty"] > 0
         assert r["loss"] == pytest.approx(r["recon"] + r["kl_term"] + r["top_penalty"] + r["reg"],
                                           rel=1e-4)
+
+
+def test_a_new_dataset_is_one_registration(tmp_path, monkeypatch):
+    """``register_dataset`` names the reader, what --data holds with how to get it, and
+    the flip rule; the config then accepts the name and the loader serves its images."""
+    import numpy as np
+
+    from hvae import data
+
+    monkeypatch.setattr(data, "DATASETS", dict(data.DATASETS))  # the registry, restored after
+
+    def read_stripes(config, split):
+        """Vertical stripes, one image per column offset, from a .npy file in --data."""
+        path = Path(config.data) / f"{split}.npy"
+        if not path.is_file():
+            raise data._missing(config, Path(config.data), f"no {path.name}")
+        return np.load(path), None
+
+    data.register_dataset("stripes", read_stripes, expected="DIR/train.npy and DIR/test.npy",
+                          how_to_get="python make_stripes.py DIR", flip=True)
+    images = np.zeros((8, 1, 8, 8), np.uint8)  # [N, C, H, W]
+    for i in range(8):
+        images[i, 0, :, i] = 255  # column i lit
+    for split in ("train", "test"):
+        np.save(tmp_path / f"{split}.npy", images)
+    cfg = preset("demo", dataset="stripes", data=str(tmp_path), image_size=8, batch_size=4,
+                 num_latent_scales=1, num_preprocess_blocks=1, num_postprocess_blocks=1)
+    train_set = data.build_dataset(cfg, "train")
+    test_set = data.build_dataset(cfg, "test")
+    assert len(train_set) == 8 and train_set.flip and not test_set.flip
+    assert torch.equal(test_set[3][0, :, 3], torch.ones(8))
+    lit = [int(train_set[3][0, 0].argmax()) for _ in range(40)]
+    assert set(lit) == {3, 4}  # the flip rule: column 3, or 7 - 3 mirrored
+    batch = next(iter(data.build_loader(cfg, "train")))
+    assert batch.shape == (4, 1, 8, 8)
+    with pytest.raises(data.DataError, match="expected .*train.npy.*To get it: python make_stripes.py"):
+        data.build_dataset(cfg.replace(data=str(tmp_path / "empty")), "train")
