@@ -36,8 +36,11 @@ TINY = dict(num_channels_enc=8, num_channels_dec=8, num_groups_per_scale=2,
 
 @functools.cache
 def load_script(name: str):
-    """scripts/NAME.py as module NAME (registered, so a worker pool can pickle its functions)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    """scripts/NAME.py (or tools/NAME.py) as module NAME (registered, so a worker pool can pickle its functions)."""
+    path = ROOT / "scripts" / f"{name}.py"
+    if not path.exists():  # the development tools
+        path = ROOT / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = sys.modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -54,7 +54,7 @@ def run_table(tmp_path, *extra):
     import sys
     out = tmp_path / "rows.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_table.py"), "--presets", "demo",
+        [sys.executable, str(ROOT / "tools" / "bench_table.py"), "--presets", "demo",
          "--batch", "2", "--amp", "none,bf16", "--compile", "none", "--json", str(out),
          "--extra", "--steps 1 --warmup 0 --num-samples 2 --num_channels_enc 8 "
                     "--num_channels_dec 8 --threads 1 " + " ".join(extra)],

@@ -611,7 +611,7 @@ def test_check_script_compares_the_two_steps(tmp_path):
     import sys
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [sys.executable, str(root / "scripts" / "check_cuda_graphs.py"), "--preset", "demo",
+        [sys.executable, str(root / "tools" / "check_cuda_graphs.py"), "--preset", "demo",
          "--batch_size", "4", "--num_channels_enc", "8", "--num_channels_dec", "8",
          "--steps", "2", "--warmup", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

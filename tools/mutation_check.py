@@ -1,10 +1,10 @@
 """Hand-run mutation check: plant one plausible bug at a time, run the tests that
 should catch it, report which fail.
 
-    python scripts/mutation_check.py                  # every mutant below
-    python scripts/mutation_check.py --only flow_log_det_sign,iw_nelbo_summed
-    python scripts/mutation_check.py --list
-    python scripts/mutation_check.py --ref 4246eff --tests tests/test_model.py \
+    python tools/mutation_check.py                  # every mutant below
+    python tools/mutation_check.py --only flow_log_det_sign,iw_nelbo_summed
+    python tools/mutation_check.py --list
+    python tools/mutation_check.py --ref 4246eff --tests tests/test_model.py \
         --only flow_log_det_sign                      # a mutant against an older suite
 
 The repository (tracked and untracked, non-ignored files, or ``git archive REF``)
@@ -243,10 +243,28 @@ def run_tests(tree: Path, tests: list[str], timeout: int) -> tuple[int, list[str
     return proc.returncode, failed, summary
 
 
+def stale_mutants(mutants: list[Mutant], root: Path) -> list[str]:
+    """What no longer applies: a snippet that does not occur exactly once in its file, or
+    a named test that does not exist (library lines are reworded; rerun --check then)."""
+    problems = []
+    for m in mutants:
+        count = (root / m.file).read_text().count(m.old)
+        if count != 1 or m.old == m.new:
+            problems.append(f"{m.name}: its snippet occurs {count} times in {m.file}")
+        for test in m.tests:
+            file, _, name = test.partition("::")
+            name = name.split("[")[0]
+            if name and f"def {name}(" not in (root / file).read_text():
+                problems.append(f"{m.name}: no test {test}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     p = cli.ArgumentParser(prog="mutation_check.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="", help="comma-separated mutant names")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--check", action="store_true",
+                   help="only check that every snippet occurs once and every named test exists")
     p.add_argument("--ref", default=None, help="mutate this commit's files instead of the work tree")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per mutant")
     p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
@@ -264,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             print(f"{m.name:32s} {m.file:24s} {m.what}")
         return 0
+    stale = stale_mutants(chosen, ROOT) if args.ref is None else []
+    for problem in stale:
+        print(f"stale: {problem}")
+    if args.check or stale:  # a moved snippet would otherwise make its mutant silently n/a
+        print(f"{len(chosen) - len(stale)} of {len(chosen)} mutants apply to this tree")
+        return 1 if stale else 0
     rows, survivors = [], 0
     with tempfile.TemporaryDirectory(prefix="hvae-mutants-") as tmp:
         tree = Path(tmp)

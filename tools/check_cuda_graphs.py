@@ -1,7 +1,7 @@
 """Check the CUDA-graph step against the eager step on this machine, and time both.
 
-    python scripts/check_cuda_graphs.py --preset cifar10 --batch_size 32 --amp bf16 --steps 20
-    python scripts/check_cuda_graphs.py --preset demo --steps 6        # CPU: uncaptured twin
+    python tools/check_cuda_graphs.py --preset cifar10 --batch_size 32 --amp bf16 --steps 20
+    python tools/check_cuda_graphs.py --preset demo --steps 6        # CPU: uncaptured twin
 
 Two trainers start from the same weights, on synthetic data of the preset's
 shape.  One takes ``TrainStep``'s eager steps.  The other takes
@@ -42,7 +42,8 @@ from hvae.graphed_step import SyncFreeStep  # noqa: E402
 from hvae.runtime import Runtime  # noqa: E402
 from hvae.training import Trainer  # noqa: E402
 
-from bench import synthetic_batches  # noqa: E402  (scripts/ is on the path when run)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench import synthetic_batches  # noqa: E402
 
 
 def timed_steps(trainer: Trainer, batches: list, seeds: list[int], device: torch.device

@@ -1,9 +1,9 @@
 """Run scripts/bench.py for every paper preset (or chosen ones) and print a Markdown table.
 
-    python scripts/bench_table.py                                  # paper presets, their batch/GPU
-    python scripts/bench_table.py --presets mnist,cifar10 --amp none,bf16 --compile none,regional
-    python scripts/bench_table.py --presets cifar10 --cuda_graphs false,true   # on a GPU
-    python scripts/bench_table.py --presets demo --batch 64 --extra "--threads 2"
+    python tools/bench_table.py                                  # paper presets, their batch/GPU
+    python tools/bench_table.py --presets mnist,cifar10 --amp none,bf16 --compile none,regional
+    python tools/bench_table.py --presets cifar10 --cuda_graphs false,true   # on a GPU
+    python tools/bench_table.py --presets demo --batch 64 --extra "--threads 2"
 
 Each configuration runs in its own process (a fresh peak-memory counter, no
 compiled code shared between rows); a row that fails (out of memory, say) gets
@@ -26,7 +26,7 @@ from hvae import cli  # noqa: E402
 from hvae.config import AMP_MODES, COMPILE_MODES, PRESETS, preset  # noqa: E402
 
 PAPER_PRESETS = ("mnist", "cifar10", "celeba64", "celebahq256")
-BENCH = Path(__file__).resolve().with_name("bench.py")
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 COLUMNS = [  # (report key, column title); missing keys print as "–"
     ("ms_per_step", "ms/step"), ("images_per_s", "images/s"), ("peak_memory_gib", "peak GiB"),
     ("steady_peak_gib", "steady peak GiB"),
