@@ -6,6 +6,7 @@
     python evaluate.py --checkpoint CKPT --mode fid --temp 0.8 --fid-weights pt_inception.pth
     python evaluate.py --checkpoint CKPT --mode encode --split test
     python evaluate.py --checkpoint CKPT --mode decode --latents eval/latents_test.npz --temp 0.8
+    python evaluate.py --checkpoint CKPT --mode report --out runs/demo   # report.html + .json
     torchrun --nproc_per_node 4 evaluate.py --checkpoint CKPT --mode nll
 
 Files go to --out (default: the checkpoint's folder / "eval").  Only ``nll`` is
@@ -21,8 +22,9 @@ from hvae import cli  # torch is imported inside main: argument errors and Ctrl-
 from hvae.errors import RunFailed, exhausted
 
 PROG = "evaluate.py"
-MODES = ("nll", "sample", "recon", "fid", "encode", "decode")
-DEFAULT_NUM = {"sample": 64, "recon": 64, "fid": 50000, "nll": 0, "encode": 0, "decode": 0}
+MODES = ("nll", "sample", "recon", "fid", "encode", "decode", "report")
+DEFAULT_NUM = {"sample": 64, "recon": 64, "fid": 50000, "nll": 0, "encode": 0, "decode": 0,
+               "report": 0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,16 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
 # The modes that use each optional flag; given to another mode, a flag is refused
 # (it would do nothing).  Flags every mode uses are not listed.
 USED_BY = {
-    "data": ("nll", "recon", "fid", "encode"),
-    "out": ("sample", "recon", "fid", "encode", "decode"),
-    "overwrite": ("sample", "recon", "encode", "decode"),
-    "seed": ("nll", "sample", "recon", "fid", "encode", "decode"),
+    "data": ("nll", "recon", "fid", "encode", "report"),
+    "out": ("sample", "recon", "fid", "encode", "decode", "report"),
+    "overwrite": ("sample", "recon", "encode", "decode", "report"),
+    "seed": ("nll", "sample", "recon", "fid", "encode", "decode", "report"),
     "split": ("nll", "recon", "encode"),
     "temp": ("sample", "fid", "decode"),
     "readjust_bn": ("sample", "fid"),
     "readjust_bn_batches": ("sample", "fid"),
     "nrow": ("sample", "recon", "decode"),
-    "num_iw_samples": ("nll",),
+    "num_iw_samples": ("nll", "report",),
     "iw_chunk": ("nll",),
     "sample": ("encode",),
     "latents": ("decode",),
@@ -146,6 +148,8 @@ def output_files(args: argparse.Namespace) -> list[Path]:
             "decode": _tag("decoded", args)}.get(args.mode)
     if stem:
         return [out / f"{stem}.png", out / f"{stem}.npz"]
+    if args.mode == "report":
+        return [out / "report.html", out / "report.json"]
     return [out / f"latents_{args.split}.npz"] if args.mode == "encode" else []
 
 
@@ -169,6 +173,7 @@ def evaluate(args: argparse.Namespace, runtime) -> dict:
     rank, world, device = runtime.rank, runtime.world_size, runtime.device
     state = load_checkpoint(args.checkpoint)
     has_ema = state.get("ema") is not None
+    step = state.get("step")
     if args.no_ema and not has_ema:
         raise cli.UsageError("--no-ema does nothing: the checkpoint has no EMA weights")
     model, config = load_model(args.checkpoint, use_ema=not args.no_ema, device=device,
@@ -220,6 +225,16 @@ def evaluate(args: argparse.Namespace, runtime) -> dict:
         result.update(num_images=int(latents[0].shape[0]), num_groups=len(latents),
                       shapes=[list(z.shape[1:]) for z in latents], files={"npz": path},
                       posterior="sample" if args.sample else "mean")
+    elif args.mode == "report":
+        from hvae.report import build_report, write_report
+        k = args.num_iw_samples or config.num_iw_samples
+        report, images = build_report(
+            model, config, split_loader(config, "test", batch, num), num_iw_samples=k,
+            metrics_file=Path(args.checkpoint).resolve().parent / "metrics.jsonl",
+            seed=args.seed, step=step, progress=progress)
+        page, data = write_report(out, report, images)
+        result.update(files={"html": str(page), "json": str(data)}, test=report["test"],
+                      iw=report["iw"])
     elif args.mode == "decode":
         latents = [z[:num] if num else z for z in ev.load_latents(args.latents, model.latent_shapes)]
         images = ev.decode_latents(model, latents, t, batch, seed=args.seed)

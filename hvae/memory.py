@@ -17,7 +17,7 @@ to stay in the same fake mode.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -108,10 +108,11 @@ def resident_at_backward(config) -> dict:
         spectral._initialized_on_host = True  # a later step's (its flag is a host read)
         optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.learning_rate)
         schedule = Schedule(cfg, total_steps=10**9, lr_warmup_steps=0)  # KL balancing on
-        step = step_module.TrainStep(
-            model, model, cfg, Runtime(device=device), schedule, optimizer, spectral, None,
+        parts = step_module.StepParts(
+            model, model, schedule, optimizer, spectral, None,
             step_module.GradSkipper(cfg.grad_skip_factor, device=device),
             torch.amp.GradScaler("cuda", enabled=False))
+        step = step_module.TrainStep(parts, cfg, Runtime(device=device))
         x = torch.zeros(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size,
                         device=device)
         with (tracker := _LiveStorages()):

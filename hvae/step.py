@@ -174,6 +174,22 @@ def step_counts_on_host(optimizer: torch.optim.Optimizer) -> None:
                 state["step"] = state["step"].to("cpu", torch.float32)
 
 
+@dataclasses.dataclass
+class StepParts:
+    """What a training step reads and updates (``hvae.training.build_step_parts`` makes
+    them): the plain model and what runs its forward (itself, or its DDP wrapper), the
+    schedules, the optimiser, the spectral regulariser, the EMA (or None), the skip
+    history and the loss scaler."""
+    model: nn.Module
+    net: nn.Module
+    schedule: Schedule
+    optimizer: torch.optim.Optimizer
+    spectral: objectives.SpectralRegularizer
+    ema: EMA | None
+    skipper: GradSkipper
+    scaler: torch.amp.GradScaler
+
+
 class TrainStep:
     """Forward, loss, backward and (unless skipped) one optimiser update of one batch.
 
@@ -183,13 +199,12 @@ class TrainStep:
     the spectral regulariser's power-iteration vectors) is restored.
     """
 
-    def __init__(self, model: nn.Module, net: nn.Module, config: Config, runtime: Runtime,
-                 schedule: Schedule, optimizer: torch.optim.Optimizer,
-                 spectral: objectives.SpectralRegularizer, ema: EMA | None,
-                 skipper: GradSkipper, scaler: torch.amp.GradScaler):
-        self.model, self.net, self.config, self.runtime = model, net, config, runtime
-        self.schedule, self.optimizer, self.spectral = schedule, optimizer, spectral
-        self.ema, self.skipper, self.scaler = ema, skipper, scaler
+    def __init__(self, parts: StepParts, config: Config, runtime: Runtime):
+        self.parts, self.config, self.runtime = parts, config, runtime
+        self.model, self.net, self.schedule = parts.model, parts.net, parts.schedule
+        self.optimizer, self.spectral, self.ema = parts.optimizer, parts.spectral, parts.ema
+        self.skipper, self.scaler = parts.skipper, parts.scaler
+        model, optimizer, spectral = self.model, self.optimizer, self.spectral
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.balance_weights = objectives.group_prior_weights(model.group_scale).to(runtime.device)
         self._forward_state = batchnorm_state(model) + list(spectral.buffers())

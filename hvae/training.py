@@ -40,14 +40,63 @@ from hvae.model import NVAE
 from hvae.model.compile import compile_model
 from hvae.model.remat import enable_activation_checkpointing
 from hvae.model.sync_bn import convert_sync_batchnorm
+from hvae.report import build_report, write_report
 from hvae.run_folder import claim_run_folder
 from hvae.runtime import (Interrupted, Runtime, StopSignals, choose_fast_path, configure_backends,
                           init_runtime, interrupt_on_signals, runtime_session, seed_everything)
 from hvae.schedules import Schedule
-from hvae.step import EMA, GradSkipper, TrainStep
+from hvae.step import EMA, GradSkipper, StepParts, TrainStep
 
 SAMPLE_TEMPERATURES = (0.6, 0.8, 1.0)
 IMAGES_PER_GRID = 64
+
+
+def build_step_parts(config: Config, runtime: Runtime, model: nn.Module, schedule: Schedule,
+                     graphed: bool = False) -> StepParts:
+    """The parts of a training step around ``model`` (on its device): the spectral
+    regulariser, DDP under torchrun (built on a side stream when the step is
+    ``graphed``), Adamax, the EMA (copied before compiling: evaluation stays eager),
+    the compiled regions, activation checkpointing, the loss scaler, the skip history."""
+    cfg, device = config, runtime.device
+    spectral = objectives.SpectralRegularizer(model, cfg.num_power_iter).to(device)
+    net = model
+    if runtime.distributed:
+        # a captured backward holds DDP's all-reduces: PyTorch's CUDA notes ask for DDP
+        # to be built on a side stream then
+        with side_stream(device) if graphed else contextlib.nullcontext():
+            net = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.learning_rate,
+                                   weight_decay=cfg.weight_decay, eps=cfg.adamax_eps, foreach=True)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    compile_model(model, cfg.compile)  # after the EMA copy: evaluation stays eager
+    enable_activation_checkpointing(model, cfg.activation_checkpointing)  # after compile
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    skipper = GradSkipper(cfg.grad_skip_factor, enabled=cfg.grad_skip, device=device)
+    return StepParts(model, net, schedule, optimizer, spectral, ema, skipper, scaler)
+
+
+def build_step(config: Config, runtime: Runtime, model: nn.Module, schedule: Schedule,
+               sync_free: bool | None = None) -> TrainStep:
+    """The training step and its parts (``build_step_parts``): the one place that builds
+    them, for the Trainer, the benchmark and the GPU checks.
+
+    ``config.cuda_graphs`` "true" (resolved: see ``choose_fast_path``) gives the
+    sync-free step captured on CUDA, unless ``graph_blockers`` name what prevents it
+    (then the eager step, and the run says why); "false" the eager ``TrainStep``.
+    ``sync_free=True`` takes the sync-free step whatever the config says (uncaptured off
+    CUDA: the CPU twin of the captured step)."""
+    if config.cuda_graphs not in ("true", "false"):
+        raise ValueError(f"resolve cuda_graphs={config.cuda_graphs!r} first (choose_fast_path)")
+    blockers = graph_blockers(config, runtime) if config.cuda_graphs == "true" else []
+    if blockers and runtime.is_main and not sync_free:
+        print("--cuda_graphs: taking eager steps instead: " + "; ".join(blockers),
+              file=sys.stderr, flush=True)
+    capture = config.cuda_graphs == "true" and not blockers
+    parts = build_step_parts(config, runtime, model, schedule, graphed=capture)
+    if capture or sync_free:
+        return SyncFreeStep(parts, config, runtime, capture=runtime.device.type == "cuda")
+    return TrainStep(parts, config, runtime)
 
 
 class SkipBatches(torch.utils.data.Sampler):
@@ -110,26 +159,8 @@ class Trainer:
             print("--sync_bn: one process, whose BatchNorm statistics already cover the whole "
                   "batch: nothing to synchronise (it acts under torchrun)", file=sys.stderr,
                   flush=True)
-        self.spectral = objectives.SpectralRegularizer(self.model, cfg.num_power_iter).to(device)
-        wants_graphs = cfg.cuda_graphs == "true"
-        blockers = graph_blockers(cfg, rt) if wants_graphs else []
-        graphed = wants_graphs and not blockers
-        net = self.model
-        if rt.distributed:
-            # a captured backward holds DDP's all-reduces: PyTorch's CUDA notes ask for DDP
-            # to be built on a side stream then
-            with side_stream(device) if graphed else contextlib.nullcontext():
-                net = DistributedDataParallel(
-                    self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = torch.optim.Adamax(self.model.parameters(), lr=cfg.learning_rate,
-                                            weight_decay=cfg.weight_decay, eps=cfg.adamax_eps,
-                                            foreach=True)
-        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        compile_model(self.model, cfg.compile)  # after the EMA copy: evaluation stays eager
-        enable_activation_checkpointing(self.model, cfg.activation_checkpointing)  # after compile
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.skipper = GradSkipper(cfg.grad_skip_factor, enabled=cfg.grad_skip, device=device)
-        self.train_step_fn = self._make_step(net, blockers)
+        self.train_step_fn = build_step(cfg, rt, self.model, self.schedule)
+        self.parts = self.train_step_fn.parts
         self.checkpointer = Checkpointer(self.run_dir, enabled=rt.is_main)
         self.logger = MetricsLogger(self.run_dir, enabled=rt.is_main)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0  # batch_in_epoch: loader batches
@@ -142,19 +173,12 @@ class Trainer:
             Checkpointer.restore(self, resume, rank=rt.rank if rt.distributed else 0)
             self.last_checkpoint = (Path(resume), self.step)
 
-    def _make_step(self, net: nn.Module, blockers: list[str]) -> TrainStep:
-        """The eager step, or with ``cuda_graphs`` the captured one unless ``blockers``
-        (``graph_blockers``) name what prevents it."""
-        cfg, rt = self.config, self.runtime
-        parts = (self.model, net, cfg, rt, self.schedule, self.optimizer, self.spectral,
-                 self.ema, self.skipper, self.scaler)
-        if cfg.cuda_graphs == "true":
-            if not blockers:
-                return SyncFreeStep(*parts, capture=rt.device.type == "cuda")
-            if rt.is_main:
-                print("--cuda_graphs: taking eager steps instead: " + "; ".join(blockers),
-                      file=sys.stderr, flush=True)
-        return TrainStep(*parts)
+    # the parts the loop, evaluation and checkpoints use (hvae.step.StepParts)
+    spectral = property(lambda self: self.parts.spectral)
+    optimizer = property(lambda self: self.parts.optimizer)
+    ema = property(lambda self: self.parts.ema)
+    scaler = property(lambda self: self.parts.scaler)
+    skipper = property(lambda self: self.parts.skipper)
 
     def _check_data_fits(self) -> None:
         """Fail before training when the data's shape is not the one the config describes."""
@@ -393,8 +417,19 @@ class Trainer:
                 iw = {f"iw_{k}": v for k, v in iw.items()}
                 metrics.update(iw)
                 self.logger.log(iw, self.step, self.epoch, split="test")
+                self.logger.flush()
+                self.write_report(metrics)
         self.logger.flush()
         return metrics
+
+    def write_report(self, metrics: dict) -> None:
+        """report.html and report.json in the run folder (``hvae.report``), from the final
+        evaluation's numbers, with samples, reconstructions and the training curves."""
+        report, images = build_report(
+            self.eval_model, self.config, self.test_loader, num_iw_samples=self.config.num_iw_samples,
+            metrics=metrics, metrics_file=self.run_dir / "metrics.jsonl",
+            max_batches=self.config.eval_batches, seed=self.config.seed, step=self.step)
+        write_report(self.run_dir, report, images)
 
     def save_images(self) -> None:
         """Sample grids at several temperatures, and test inputs above their reconstructions

@@ -297,7 +297,7 @@ def test_the_sync_free_step_keeps_every_tensor_on_the_gpu(tmp_path, monkeypatch,
     from hvae.memory import fake_cuda, grad_scaler
     from hvae.model import NVAE
     from hvae.schedules import Schedule
-    from hvae.step import EMA, GradSkipper
+    from hvae.step import EMA, GradSkipper, StepParts
 
     def capture(fn, device):  # runs the step once; the replays do nothing (fake tensors)
         out = fn()
@@ -316,11 +316,12 @@ def test_the_sync_free_step_keeps_every_tensor_on_the_gpu(tmp_path, monkeypatch,
                 ema = EMA(model, cfg.ema_decay)
         spectral._initialized_on_host = True  # settled: reading the buffer is a host read
         # from here the default device is the CPU, as in a run
-        step = SyncFreeStep(
-            model, model, cfg, Runtime(device=device), Schedule(cfg, 100, lr_warmup_steps=0),
+        parts = StepParts(
+            model, model, Schedule(cfg, 100, lr_warmup_steps=0),
             torch.optim.Adamax(model.parameters(), lr=cfg.learning_rate, foreach=True),
             spectral, ema, GradSkipper(cfg.grad_skip_factor, device=device),
-            grad_scaler(enabled=cfg.amp == "fp16"), capture=True)
+            grad_scaler(enabled=cfg.amp == "fp16"))
+        step = SyncFreeStep(parts, cfg, Runtime(device=device), capture=True)
         x = torch.rand(16, 1, 28, 28, device="cpu").round()  # a host batch, as from a loader
         x = x if cfg.grad_accum_steps == 1 else list(x.chunk(2))
         for i in range(graphed_step.WARMUP_STEPS + 2):

@@ -38,9 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hvae import cli  # noqa: E402
 from hvae.config import RUN_ONLY, check_flags_matter, explicit_overrides, parse_args, preset  # noqa: E402
-from hvae.graphed_step import SyncFreeStep  # noqa: E402
 from hvae.runtime import Runtime  # noqa: E402
-from hvae.training import Trainer  # noqa: E402
+from hvae.training import Trainer, build_step  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from bench import synthetic_batches  # noqa: E402
@@ -98,10 +97,9 @@ def main(argv=None) -> int:
     graphed.model.load_state_dict(eager.model.state_dict())
     if graphed.ema is not None:
         graphed.ema.model.load_state_dict(eager.ema.model.state_dict())
-    graphed.train_step_fn = SyncFreeStep(
-        graphed.model, graphed.model, config, graphed.runtime, graphed.schedule, graphed.optimizer,
-        graphed.spectral, graphed.ema, graphed.skipper, graphed.scaler,
-        capture=device.type == "cuda")
+    graphed.train_step_fn = build_step(graphed.config, graphed.runtime, graphed.model,
+                                       graphed.schedule, sync_free=True)
+    graphed.parts = graphed.train_step_fn.parts
     seeds = [1000 + i for i in range(args.warmup + args.steps)]
     loss_a, time_a, skip_a, peak_a = timed_steps(eager, batches, seeds, device)
     loss_b, time_b, skip_b, peak_b = timed_steps(graphed, batches, seeds, device)
