@@ -21,7 +21,8 @@ for args in "--preset cifar10 --batch_size 32" "--preset mnist --batch_size 200"
         2>>"$out/check.err" | tee -a "$out/check.jsonl"
 done
 timeout 600 python scripts/bench_table.py --amp bf16 --cuda_graphs false,true --timeout 150 \
-    --extra "--steps 5 --warmup 4 --num-samples 4" --json "$out/table.json" | tee "$out/table.md"
+    --extra "--steps 5 --warmup 4 --num-samples 4" --json "$out/table.json" --overwrite \
+    | tee "$out/table.md"
 for graphs in false true; do
     timeout 300 python scripts/bench.py --preset cifar10 --batch_size 32 --amp bf16 \
         --compile regional --cuda_graphs $graphs --steps 20 --warmup 5 --num-samples 4 \
