@@ -380,15 +380,15 @@ class Trainer:
         evaluation then has what it has after eager steps.
         """
         self.train_step_fn.release_graph()
-        self.phase = "evaluation"
+        self.phase = "evaluation"  # kept when it fails: resource_failure says where
         try:
-            return self._evaluate_and_save(final)
+            metrics = self._evaluate_and_save(final)
         except Interrupted:
             self._save_checked()
             self._announce_stop()
             raise
-        finally:
-            self.phase = "training"
+        self.phase = "training"
+        return metrics
 
     def _evaluate_and_save(self, final: bool) -> dict[str, Any]:
         rt, cfg = self.runtime, self.config

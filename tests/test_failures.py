@@ -168,3 +168,27 @@ def test_ctrl_c_in_an_ablation_sweep_saves_the_run_and_exits_130(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in out + err, (out + err)[-3000:]
     assert "FAILED" not in out and "sweep stopped" in out, out
     assert "continue with --resume" in err
+
+
+def test_gpu_memory_running_out_in_the_final_pass_says_training_is_saved(tmp_path, monkeypatch):
+    """The CPU cannot run out of GPU memory: the final importance-weighted pass raises
+    torch's OutOfMemoryError as CUDA's allocator would."""
+    import torch
+    from hvae import evaluation as ev
+    from hvae.config import preset
+    from hvae.errors import RunFailed
+    from hvae.training import train
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ev, "iw_log_likelihood", out_of_memory)
+    cfg = preset("demo", out=str(tmp_path), name="r", max_steps=1, num_channels_enc=8,
+                 num_channels_dec=8, num_groups_per_scale=2, num_latent_per_group=4,
+                 batch_size=16, eval_batches=1, ema_decay=0.0)
+    with pytest.raises(RunFailed) as err:
+        train(cfg, progress=False)
+    line = str(err.value)
+    assert "out of GPU memory (cpu) in the final importance-weighted test pass" in line, line
+    assert "training is finished and the last checkpoint is" in line and "(step 1)" in line
+    assert "--iw-chunk" in line and err.value.exit_code == 1

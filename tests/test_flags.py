@@ -58,12 +58,14 @@ def test_resume_with_another_batch_size_after_a_complete_epoch(tmp_path, digits)
 
 
 def test_the_run_says_whether_max_steps_or_epochs_ends_it(tmp_path, digits, capsys):
-    train(config(tmp_path, digits, name="a", epochs=3, max_steps=3), progress=False)
-    assert ("--max_steps 3 ends the run, before the 3 epoch(s) of --epochs (6 steps of 2)"
-            in capsys.readouterr().err)
-    summary = train(config(tmp_path, digits, name="b", epochs=1, max_steps=50), progress=False)
-    assert summary["steps"] == 2
-    assert "--epochs 1 ends the run at step 2 (2 per epoch), before --max_steps 50" in capsys.readouterr().err
+    for name, epochs, max_steps, said in (
+            ("a", 3, 3, "--max_steps 3 ends the run, before the 3 epoch(s) of --epochs (6 steps of 2)"),
+            ("b", 1, 50, "--epochs 1 ends the run at step 2 (2 per epoch), before --max_steps 50")):
+        trainer = Trainer(config(tmp_path, digits, name=name, epochs=epochs, max_steps=max_steps),
+                          Runtime(), progress=False)
+        trainer.fit(stop_at_step=1)  # the line comes at the start
+        assert said in capsys.readouterr().err
+    assert trainer.total_steps == 2
 
 
 def test_sync_bn_in_one_process_says_it_does_nothing(tmp_path, digits, capsys):
@@ -71,21 +73,20 @@ def test_sync_bn_in_one_process_says_it_does_nothing(tmp_path, digits, capsys):
     assert "--sync_bn: one process" in capsys.readouterr().err
 
 
-def test_resume_may_change_its_length_and_how_it_runs(tmp_path, digits):
+def test_resume_may_change_its_length_and_how_it_runs(tmp_path, digits, capsys):
     """The flags README lists as changeable on --resume are honoured, not dropped."""
-    import subprocess
+    import json
     import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train as train_cli
 
-    root = Path(__file__).resolve().parents[1]
     flags = ["--no-progress", "--out", str(tmp_path), "--name", "r", "--dataset", "folder",
              "--data", str(digits)] + [f"--{k}={v}" for k, v in TINY.items()]
-    env = {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    run = lambda *more: subprocess.run([sys.executable, str(root / "train.py"), *flags, *more],  # noqa: E731
-                                       capture_output=True, text=True, env=env, timeout=300)
-    first = run("--max_steps", "2")
-    assert first.returncode == 0, first.stderr[-2000:]
-    more = run("--resume", "--max_steps", "3", "--log_every", "1", "--num_iw_samples", "2")
-    assert more.returncode == 0, more.stderr[-2000:]
-    import json
-    summary = json.loads(more.stdout.splitlines()[-1])
+    assert train_cli.main(flags + ["--max_steps", "2"]) == 0
+    capsys.readouterr()
+    assert train_cli.main(flags + ["--resume", "--max_steps", "3", "--log_every", "1",
+                                   "--num_iw_samples", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert summary["steps"] == 3 and summary["iw_num_samples"] == 2
+    logged = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert any(row["split"] == "train" and row["step"] == 3 for row in logged)  # --log_every 1
