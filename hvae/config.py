@@ -290,8 +290,8 @@ def _coerce_bool(name: str, value: Any) -> bool:
 # recipe names the recipe it inherits from and only the fields it changes.
 _RECIPES: dict[str, tuple[str | None, dict[str, Any]]] = {
     # A small NVAE for the bundled 4,000-digit MNIST subset: training and its K=20
-    # test pass in under 10 minutes on 2 AVX2 CPU cores (issue #19; the search is in
-    # notes/DEMO_SEARCH.md).  Where the CPU time goes: no padding (latents 7x7 and
+    # test pass in under 10 minutes on 2 AVX2 CPU cores (the search is in
+    # docs/DEMO_PRESET.md).  Where the CPU time goes: no padding (latents 7x7 and
     # 14x14), half NVAE's cell expansions, and a short, hot schedule (4 epochs of
     # batch 32 at learning rate 4e-2) instead of a long one.
     "demo": (None, dict(

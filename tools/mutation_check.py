@@ -11,7 +11,7 @@ The repository (tracked and untracked, non-ignored files, or ``git archive REF``
 is copied once into a scratch folder; each mutant replaces one exact snippet of
 one file there (it must occur exactly once), runs its tests with the scratch copy
 first on PYTHONPATH, and restores the file.  The working tree is never touched.
-A mutant is *killed* when at least one of its tests fails.  See notes/MUTATION.md.
+A mutant is *killed* when at least one of its tests fails.  See docs/TESTING.md.
 """
 from __future__ import annotations
 
