@@ -1,9 +1,11 @@
 """The compiled fast path (``Config.compile``): which parts of the NVAE torch.compile sees.
 
-``none``      eager (the default).
-``regional``  each repeated module (encoder cell, post-processing decoder cell,
-              latent group with its decoder cells, prior, posterior, flows and
-              combiner) runs a compiled ``forward``.  The compiled function is
+``auto``      the default: ``regional`` on CUDA, ``none`` elsewhere
+              (``hvae.runtime.choose_fast_path`` resolves it when a run starts).
+``none``      eager.
+``regional``  each repeated module (every outermost ``cells.Region``: encoder cell,
+              post-processing decoder cell, latent group with its decoder cells,
+              prior, posterior, flows and combiner) runs a compiled ``forward``.  The compiled function is
               one per class, shared by all instances, and its code is reused by
               every instance of the same structure and shapes, so compile time
               grows with the number of distinct cells (a few per scale), not with
@@ -69,6 +71,9 @@ def compile_model(model: nn.Module, mode: str, backend: str | None = None) -> nn
     """Apply ``mode`` (one of ``MODES``) to ``model`` in place and return it."""
     if mode not in MODES:  # a ConfigError: the entry points report it in one line
         raise ConfigError(f"compile={mode!r} is not allowed: one of {', '.join(MODES)}")
+    if mode == "auto":  # what a run on the model's device would choose
+        from hvae.runtime import resolve_compile
+        mode = resolve_compile(mode, next(model.parameters()).device)[0]
     if mode == "none":
         return model
     backend = backend or BACKEND
