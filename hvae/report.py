@@ -51,7 +51,8 @@ def build_report(model: nn.Module, config, test_loader: Iterable, *, num_iw_samp
     dataset = getattr(test_loader, "dataset", None)
     if dataset is not None:
         x = ev.evenly_spaced(dataset, nrow * (nrow // 2) or 1).to(ev.model_device(model))
-        recons = ev.reconstruct(model, x)["recons"]
+        with ev.seeded(seed, x.device):  # posterior draws that leave the caller's RNG alone
+            recons = ev.reconstruct(model, x)["recons"]
         images["reconstructions"] = _png(ev.interleave_rows(x.float().cpu(), recons.cpu(),
                                                             nrow=nrow), nrow)
     report = {
