@@ -12,9 +12,8 @@ tensors, to see that it keeps every tensor on the GPU and reads nothing back.
 
 Autograd's backward cannot run on fake CUDA tensors (it needs a real CUDA
 context).  A deep copy of fake tensors (the EMA's) needs ``FakeCopyMode(mode)``
-to stay in the same fake mode.  Fake CUDA tensors need torch 2.10 or later: before,
-a random op on one (a parameter's initialisation) starts the real CUDA runtime,
-which fails without a GPU.
+to stay in the same fake mode.  Fake CUDA tensors need torch 2.10 or later (hvae's floor):
+before, a random op on one starts the real CUDA runtime, which fails without a GPU.
 """
 from __future__ import annotations
 
@@ -26,19 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hvae import step as step_module
-from hvae.errors import HvaeError
 from hvae.runtime import AMP_DTYPES, Runtime, patched
-
-
-class FakeCudaUnavailable(HvaeError, RuntimeError):
-    """This torch cannot make fake CUDA tensors."""
-
-
-def unavailable() -> str | None:
-    """Why this torch cannot make fake CUDA tensors (None: it can)."""
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 10):
-        return None
-    return f"fake CUDA tensors need torch >= 2.10 (this is torch {torch.__version__})"
 
 
 @contextlib.contextmanager
@@ -63,8 +50,6 @@ def fake_cuda() -> Iterator[FakeTensorMode]:
     training step autocasts as on a GPU.  The default device stays the CPU, so that a
     tensor made without ``device=`` lands there, as it would in a run, and an op that
     mixes it with CUDA tensors fails."""
-    if unavailable():
-        raise FakeCudaUnavailable(unavailable())
     mode = FakeTensorMode()
     with mode, patched(step_module, "autocast", cuda_autocast):
         yield mode
