@@ -294,13 +294,7 @@ def main(argv=None) -> int:
     config, args = parse_args(argv, parser)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from hvae.fake_cuda import unavailable
-    why_not = unavailable()  # the memory measurement runs on fake CUDA tensors
-    if why_not and args.memory_only:
-        raise cli.UsageError(f"--memory-only: {why_not}")
-    if why_not:
-        print(f"bench.py: no resident_at_backward_gib: {why_not}", file=sys.stderr, flush=True)
-    memory = {} if why_not else resident_at_backward(config)
+    memory = resident_at_backward(config)
     if args.memory_only:
         print(json.dumps({"preset": config.preset, "batch_size": config.batch_size,
                           "amp": config.amp,

@@ -18,7 +18,6 @@ from hvae import graphed_step
 from hvae import training as training_module
 from hvae.checkpoint import load_checkpoint
 from hvae.config import preset
-from hvae.fake_cuda import unavailable as fake_cuda_unavailable
 from hvae.graphed_step import MaskedAdamax, SyncFreeStep, graph_blockers
 from hvae.runtime import Runtime
 from hvae.step import TrainStep
@@ -281,7 +280,6 @@ def test_cuda_graphs_on_the_cpu_fall_back_to_eager_steps_and_say_why(tmp_path, c
     assert len(reasons) == 1 and "checkpointing" in reasons[0]  # torchrun does not block
 
 
-@pytest.mark.skipif(bool(fake_cuda_unavailable()), reason=str(fake_cuda_unavailable()))
 @pytest.mark.parametrize("overrides", [
     dict(),
     dict(amp="bf16"),
