@@ -14,8 +14,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         # the floor is the oldest torch tools/check_torch_floor.sh has passed on
-        "torch>=2.6,<2.15",
-        "torchvision>=0.21,<0.30",
+        "torch>=2.10,<2.15",
+        "torchvision>=0.25,<0.30",
         "numpy",
         "tensorboard",
         "tqdm",
