@@ -28,7 +28,7 @@ from hvae.model.cells import count_batch
 class AllReduceSum(torch.autograd.Function):
     """The sum of ``x`` over the ranks of ``group``; its gradient, the sum of the ranks'
     gradients.  Written out: torch's functional all-reduce has a gradient of its own only
-    in recent releases, and older ones drop it without a word."""
+    from torch 2.11, and 2.10 drops it without a word."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
