@@ -9,7 +9,7 @@
 # torch==VERSION and its torchvision from PyPI there, then hvae with its test extra
 # (not editable; torch held at VERSION), and runs the tests against this checkout.
 # The last line says which torch was tested and how the tests went; the exit code is
-# pytest's.  PyPI's Linux wheels bring CUDA libraries: about 4 GB per venv.
+# pytest's.  PyPI's Linux wheels bring CUDA libraries: 5 to 8 GB per venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
