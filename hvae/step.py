@@ -204,13 +204,12 @@ class TrainStep:
         self.model, self.net, self.schedule = parts.model, parts.net, parts.schedule
         self.optimizer, self.spectral, self.ema = parts.optimizer, parts.spectral, parts.ema
         self.skipper, self.scaler = parts.skipper, parts.scaler
-        model, optimizer, spectral = self.model, self.optimizer, self.spectral
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.balance_weights = objectives.group_prior_weights(model.group_scale).to(runtime.device)
-        self._forward_state = batchnorm_state(model) + list(spectral.buffers())
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.balance_weights = objectives.group_prior_weights(self.model.group_scale).to(runtime.device)
+        self._forward_state = batchnorm_state(self.model) + list(self.spectral.buffers())
         self._forward_backup = [b.clone() for b in self._forward_state]
         self.autocast_cache = True  # autocast's cast cache (off under CUDA-graph capture)
-        optimizer.register_load_state_dict_post_hook(step_counts_on_host)
+        self.optimizer.register_load_state_dict_post_hook(step_counts_on_host)
 
     def __call__(self, x: torch.Tensor | Sequence[torch.Tensor], step: int,
                  stop_requested: bool | Callable[[], bool] = False) -> dict:
