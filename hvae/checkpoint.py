@@ -5,7 +5,8 @@ A checkpoint is a plain dict of tensors and Python values (no pickled objects), 
 ``Checkpointer`` is the one place that knows the layout of a training checkpoint:
 
     format, config (dict), model, ema (or None), optimizer, scheduler, scaler,
-    spectral, grad_skip, rng, step, epoch, data_position {epoch, batch}, best
+    spectral, grad_skip, rng, step, epoch, data_position {epoch, batch}, best,
+    heal (the self-healing history: ``hvae.healing``)
 """
 from __future__ import annotations
 
@@ -119,9 +120,9 @@ class Checkpointer:
     """Writes and restores the complete state of a training run (see the module docstring).
 
     ``run`` is the object that holds the parts (duck-typed: ``config``, ``model``,
-    ``ema``, ``optimizer``, ``scaler``, ``spectral``, ``skipper``, ``schedule``
-    and the counters ``step``, ``epoch``, ``batch_in_epoch``, ``best``).  Only
-    the main process writes.
+    ``ema``, ``optimizer``, ``scaler``, ``spectral``, ``skipper``, ``schedule``,
+    ``healer`` and the counters ``step``, ``epoch``, ``batch_in_epoch``, ``best``).
+    Only the main process writes.
     """
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool = True):
@@ -138,11 +139,12 @@ class Checkpointer:
                 "grad_skip": run.skipper.state_dict(), "rng": rng_state(),
                 "step": run.step, "epoch": run.epoch,
                 "data_position": {"epoch": run.epoch, "batch": run.batch_in_epoch},
-                "best": run.best}
+                "best": run.best, "heal": run.healer.state_dict()}
 
-    def save(self, run, name: str = "checkpoint.pt") -> None:
+    def save(self, run, name: str = "checkpoint.pt", state: dict[str, Any] | None = None) -> None:
+        """Write ``run``'s state (or ``state``, already taken) as ``name``."""
         if self.enabled:
-            save_checkpoint(self.run_dir / name, self.state(run))
+            save_checkpoint(self.run_dir / name, self.state(run) if state is None else state)
 
     @staticmethod
     def restore(run, path: str | os.PathLike, rank: int = 0) -> None:
@@ -159,6 +161,16 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {str(path)!r} cannot resume training: it lacks "
                                   f"{', '.join(missing)} (weights only? evaluate it with "
                                   "evaluate.py, or start a new run)")
+        Checkpointer.load_state(run, state, path, rank)
+        if state.get("heal"):  # older checkpoints: no heal yet
+            run.healer.load_state_dict(state["heal"])
+
+    @staticmethod
+    def load_state(run, state: dict[str, Any], path: str | os.PathLike, rank: int = 0,
+                   own_rng: bool = False) -> None:
+        """Load a training state (read from ``path``, or a heal's good state) into ``run``.
+        ``own_rng``: the state holds this process's own RNG states (a heal's, on every
+        rank); otherwise ranks other than 0 reseed."""
         try:
             run.model.load_state_dict(state["model"])
             if run.ema is not None and state.get("ema") is not None:
@@ -175,7 +187,7 @@ class Checkpointer:
         run.step, run.best = int(state["step"]), float(state["best"])
         run.epoch = int(state["data_position"]["epoch"])
         run.batch_in_epoch = Checkpointer._batches_done(run, state, path)
-        if rank == 0:
+        if rank == 0 or own_rng:
             set_rng_state(state["rng"])
         else:
             seed_everything(run.config.seed + rank + 1000 * run.step)

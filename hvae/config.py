@@ -90,6 +90,19 @@ class Config:
     grad_skip: bool = True      # skip updates with non-finite or outlying norms
     grad_skip_factor: float = 50.0  # skip when norm > factor * recent median norm
     ema_decay: float = 0.9999   # 0: no EMA
+
+    # ---- self-healing (hvae/healing.py) ------------------------------------
+    # when the weights become non-finite, updates stall (more than heal_skip_rate of
+    # the last heal_window steps skipped) or the training loss passes heal_loss_limit
+    # times a uniform guess's NELBO (0: that check off), roll back to the last good
+    # state and go on with the learning rate times heal_lr_factor; after heal_attempts
+    # heals the run stops with an error instead
+    heal: bool = True
+    heal_attempts: int = 8
+    heal_lr_factor: float = 0.5
+    heal_skip_rate: float = 0.5
+    heal_window: int = 50
+    heal_loss_limit: float = 10.0
     # autocast: "bf16", "fp16" (with loss scaling), "none" (fp32); "auto": bf16 on a GPU
     # that has it, else fp16; fp32 off CUDA
     amp: str = "auto"
@@ -206,7 +219,7 @@ class Config:
                     "num_cell_per_cond_enc", "num_cell_per_cond_dec", "num_mixture_dec",
                     "dec_cell_expand", "post_cell_expand",
                     "batch_size", "grad_accum_steps", "epochs", "image_size", "log_every", "eval_every",
-                    "checkpoint_every", "num_iw_samples", "num_power_iter"]
+                    "checkpoint_every", "num_iw_samples", "num_power_iter", "heal_window"]
         for name in positive:
             need(getattr(self, name) >= 1, name, "a positive integer")
         non_negative = ["num_preprocess_blocks", "num_preprocess_cells",
@@ -214,7 +227,8 @@ class Config:
                         "max_steps", "pad_input", "num_workers", "eval_batches",
                         "warmup_epochs", "weight_decay", "grad_clip", "kl_free_bits",
                         "weight_decay_norm", "weight_decay_norm_init", "kl_beta",
-                        "kl_anneal_portion", "kl_const_portion", "kl_const_coeff"]
+                        "kl_anneal_portion", "kl_const_portion", "kl_const_coeff",
+                        "heal_attempts", "heal_loss_limit"]
         for name in non_negative:
             need(getattr(self, name) >= 0, name, "a value >= 0")
         need(self.num_preprocess_cells >= 1 or self.num_preprocess_blocks == 0,
@@ -227,6 +241,8 @@ class Config:
         need(0 <= self.ema_decay < 1, "ema_decay", "a value in [0, 1)")
         need(self.adamax_eps > 0, "adamax_eps", "a value > 0")
         need(self.grad_skip_factor > 1, "grad_skip_factor", "a value > 1")
+        need(0 < self.heal_lr_factor < 1, "heal_lr_factor", "a value in (0, 1)")
+        need(0 < self.heal_skip_rate <= 1, "heal_skip_rate", "a value in (0, 1]")
         need(self.kl_anneal_portion + self.kl_const_portion <= 1, "kl_anneal_portion",
              "kl_anneal_portion + kl_const_portion <= 1")
         need(self.num_postprocess_blocks == self.num_preprocess_blocks, "num_postprocess_blocks",
@@ -391,7 +407,8 @@ ARCHITECTURE = (
 # What ``train.py --resume`` may change.  How the run runs (not what it computes) ...
 RESUME_HOW = ("name", "out", "data", "num_workers", "log_every", "eval_every", "checkpoint_every",
               "eval_batches", "num_iw_samples", "amp", "sync_bn", "compile", "cuda_graphs",
-              "activation_checkpointing", "channels_last", "deterministic")
+              "activation_checkpointing", "channels_last", "deterministic", "heal", "heal_attempts",
+              "heal_lr_factor", "heal_skip_rate", "heal_window", "heal_loss_limit")
 # ... and its length; the schedules are then recomputed for the new length (so the
 # continued run is not the uninterrupted one).  The rest of the recipe stays.
 RESUME_LENGTH = ("epochs", "max_steps", "batch_size", "grad_accum_steps")
@@ -431,7 +448,8 @@ def resume_config(saved: dict[str, Any], explicit: dict[str, Any], preset_name: 
 # Fields only a real training run reads (its data, length, run folder, logs and
 # evaluations): a tool that times or checks steps on synthetic data ignores them.
 RUN_ONLY = ("data", "dataset", "num_workers", "epochs", "max_steps", "name", "out", "log_every",
-            "eval_every", "checkpoint_every", "num_iw_samples", "eval_batches")
+            "eval_every", "checkpoint_every", "num_iw_samples", "eval_batches", "heal",
+            "heal_attempts", "heal_lr_factor", "heal_skip_rate", "heal_window", "heal_loss_limit")
 
 
 def inert_fields(config: Config) -> dict[str, str]:
@@ -447,6 +465,10 @@ def inert_fields(config: Config) -> dict[str, str]:
         why["num_x_bits"] = why["num_mixture_dec"] = "binary data has a Bernoulli decoder"
     if not config.grad_skip:
         why["grad_skip_factor"] = "gradient skipping is off (--grad_skip false)"
+    if not config.heal:
+        for name in ("heal_attempts", "heal_lr_factor", "heal_skip_rate", "heal_window",
+                     "heal_loss_limit"):
+            why[name] = "self-healing is off (--heal false)"
     if not config.weight_decay_norm_anneal:
         why["weight_decay_norm_init"] = "it applies with --weight_decay_norm_anneal true"
     if config.compile == "full":

@@ -1,7 +1,7 @@
 """Every schedule of a run in one place: learning rate, KL warm-up, regulariser weight.
 
-All are pure functions of the optimiser step, so a resumed run continues them
-exactly.  The KL windows are fractions of the run (``kl_const_portion``,
+All are pure functions of the optimiser step (and of ``lr_scale``, which a heal
+lowers: ``hvae.healing``), so a resumed run continues them exactly.  The KL windows are fractions of the run (``kl_const_portion``,
 ``kl_anneal_portion``); the learning-rate warm-up is ``warmup_epochs`` long.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ class Schedule:
     config: Config
     total_steps: int
     lr_warmup_steps: int = 0
+    lr_scale: float = 1.0   # the whole learning-rate curve's factor (each heal lowers it)
 
     @classmethod
     def for_run(cls, config: Config, steps_per_epoch: int) -> "Schedule":
@@ -28,14 +29,16 @@ class Schedule:
 
     # ------------------------------------------------------- learning rate --
     def learning_rate(self, step: int) -> float:
-        """Linear warm-up to ``learning_rate``, then cosine decay to ``learning_rate_min``."""
+        """Linear warm-up to ``learning_rate``, then cosine decay to ``learning_rate_min``;
+        the whole curve times ``lr_scale``."""
         cfg, warmup = self.config, self.lr_warmup_steps
         if warmup > 0 and step < warmup:
-            return cfg.learning_rate * (step + 1) / warmup
+            return self.lr_scale * cfg.learning_rate * (step + 1) / warmup
         span = max(self.total_steps - warmup, 1)
         progress = min(max(step - warmup, 0) / span, 1.0)
         cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return cfg.learning_rate_min + (cfg.learning_rate - cfg.learning_rate_min) * cosine
+        return self.lr_scale * (cfg.learning_rate_min
+                                + (cfg.learning_rate - cfg.learning_rate_min) * cosine)
 
     # ---------------------------------------------------------- KL warm-up --
     def _kl_window(self) -> tuple[float, float]:

@@ -201,7 +201,7 @@ class TrainStep:
 
     def __init__(self, parts: StepParts, config: Config, runtime: Runtime):
         self.parts, self.config, self.runtime = parts, config, runtime
-        self.model, self.net, self.schedule = parts.model, parts.net, parts.schedule
+        self.model, self.net = parts.model, parts.net
         self.optimizer, self.spectral, self.ema = parts.optimizer, parts.spectral, parts.ema
         self.skipper, self.scaler = parts.skipper, parts.scaler
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -210,6 +210,11 @@ class TrainStep:
         self._forward_backup = [b.clone() for b in self._forward_state]
         self.autocast_cache = True  # autocast's cast cache (off under CUDA-graph capture)
         self.optimizer.register_load_state_dict_post_hook(step_counts_on_host)
+
+    @property
+    def schedule(self) -> Schedule:
+        """The parts' schedule (read every step: a heal replaces it with a lower learning rate)."""
+        return self.parts.schedule
 
     def __call__(self, x: torch.Tensor | Sequence[torch.Tensor], step: int,
                  stop_requested: bool | Callable[[], bool] = False) -> dict:

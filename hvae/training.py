@@ -15,6 +15,7 @@ so a resumed run continues bit-for-bit (with ``num_workers=0`` and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from hvae.checkpoint import Checkpointer, DiskFull
 from hvae.config import Config, ConfigError
 from hvae.errors import RunFailed, exhausted
 from hvae.graphed_step import SyncFreeStep, graph_blockers, side_stream
+from hvae.healing import Healer, RolledBack, host_copy
 from hvae.logger import MetricsLogger
 from hvae.model import NVAE
 from hvae.model.compile import compile_model
@@ -149,7 +151,7 @@ class Trainer:
             raise ConfigError(f"grad_accum_steps={self.accum} needs at least that many batches per "
                              f"epoch, but the training data gives {len(self.train_loader)} per "
                              "process: lower --grad_accum_steps or --batch_size")
-        self.schedule = Schedule.for_run(cfg, self.steps_per_epoch)
+        schedule = Schedule.for_run(cfg, self.steps_per_epoch)
 
         self.model = NVAE(cfg).to(device)
         self._check_data_fits()
@@ -159,8 +161,9 @@ class Trainer:
             print("--sync_bn: one process, whose BatchNorm statistics already cover the whole "
                   "batch: nothing to synchronise (it acts under torchrun)", file=sys.stderr,
                   flush=True)
-        self.train_step_fn = build_step(cfg, rt, self.model, self.schedule)
+        self.train_step_fn = build_step(cfg, rt, self.model, schedule)
         self.parts = self.train_step_fn.parts
+        self.healer = Healer(cfg)
         self.checkpointer = Checkpointer(self.run_dir, enabled=rt.is_main)
         self.logger = MetricsLogger(self.run_dir, enabled=rt.is_main)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0  # batch_in_epoch: loader batches
@@ -172,8 +175,10 @@ class Trainer:
         if resume:
             Checkpointer.restore(self, resume, rank=rt.rank if rt.distributed else 0)
             self.last_checkpoint = (Path(resume), self.step)
+            self._scale_learning_rate(self.healer.lr_scale)  # the heals before the stop
 
     # the parts the loop, evaluation and checkpoints use (hvae.step.StepParts)
+    schedule = property(lambda self: self.parts.schedule)
     spectral = property(lambda self: self.parts.spectral)
     optimizer = property(lambda self: self.parts.optimizer)
     ema = property(lambda self: self.parts.ema)
@@ -211,9 +216,18 @@ class Trainer:
         return metrics
 
     def save(self, name: str = "checkpoint.pt") -> None:
-        self.checkpointer.save(self, name)
+        """Write a checkpoint (main process).  ``checkpoint.pt`` is also the good state a
+        heal rolls back to: every process keeps a host copy of it."""
+        if name == "checkpoint.pt" and self.healer.enabled:
+            self.healer.good_state = host_copy(Checkpointer.state(self))
+            self.checkpointer.save(self, name, state=self.healer.good_state)
+        else:
+            self.checkpointer.save(self, name)
         if name == "checkpoint.pt" and self.runtime.is_main:
             self.last_checkpoint = (self.run_dir / name, self.step)
+
+    def _scale_learning_rate(self, scale: float) -> None:
+        self.parts.schedule = dataclasses.replace(self.parts.schedule, lr_scale=scale)
 
     def resource_failure(self, err: BaseException) -> RunFailed | None:
         """``err`` as one line when a resource ran out (None otherwise): which one, where,
@@ -283,7 +297,28 @@ class Trainer:
                   file=sys.stderr, flush=True)
             if cfg.max_steps:
                 print(self._what_ends_the_run(), file=sys.stderr, flush=True)
+        if self.healer.enabled and self.healer.good_state is None:
+            self.healer.good_state = host_copy(Checkpointer.state(self))  # before any step
         with StopSignals(verbose=self.runtime.is_main) as self.signals:
+            try:
+                summary = self._train_and_evaluate(bar, stop_at_step)
+            finally:
+                if bar is not None:
+                    bar.close()
+        if summary.get("stopped"):
+            return summary
+        elapsed = summary.pop("train_seconds_until_final") - start
+        summary.update(steps=self.step, train_seconds=elapsed,
+                       images_per_second=(self.step - start_step) * self.global_batch
+                       / max(elapsed, 1e-9),
+                       skipped_steps=int(self.skipper.skipped))
+        return summary
+
+    def _train_and_evaluate(self, bar, stop_at_step: int | None) -> dict[str, Any]:
+        """The epochs, then the final evaluation, started again from the restored
+        position after each heal."""
+        cfg = self.config
+        while True:
             try:
                 while self.step < self.total_steps:
                     if self._train_epoch(bar, stop_at_step):
@@ -292,16 +327,16 @@ class Trainer:
                         if (self.epoch + 1) % cfg.eval_every == 0 and self.step < self.total_steps:
                             self.end_of_epoch()
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            finally:
+                trained = time.time()
+                return {**self.end_of_epoch(final=True), "train_seconds_until_final": trained}
+            except RolledBack:
+                self.phase = "training"
                 if bar is not None:
-                    bar.close()
-            elapsed = time.time() - start
-            summary = self.end_of_epoch(final=True)
-        summary.update(steps=self.step, train_seconds=elapsed,
-                       images_per_second=(self.step - start_step) * self.global_batch
-                       / max(elapsed, 1e-9),
-                       skipped_steps=int(self.skipper.skipped))
-        return summary
+                    bar.n = self.step
+                    bar.refresh()
+                if self.signals.requested:  # the heal saved the restored state
+                    self._announce_stop()
+                    raise Interrupted(self.signals.signum) from None
 
     def _what_ends_the_run(self) -> str:
         """Which of --max_steps and --epochs ends the run (both given: the earlier)."""
@@ -334,7 +369,7 @@ class Trainer:
                 bar.update(1)
             if self.step % cfg.log_every == 0:  # the loop's only host reads
                 logged = self.logger.log(metrics, self.step, self.epoch)
-                self._check_weights()
+                self._check_health(logged)
                 if bar is not None:
                     bar.set_postfix(nelbo=f"{logged['nelbo']:.2f}", bpd=f"{logged['bpd']:.3f}",
                                     kl=f"{logged['kl']:.1f}", skip=logged["skipped_total"])
@@ -348,20 +383,63 @@ class Trainer:
                 return True
         return False
 
-    def _check_weights(self) -> None:
-        """Stop, with the step and the last good checkpoint, once an update made a weight
-        non-finite (every later step would be skipped and the run would 'succeed')."""
-        if not self.train_step_fn.weights_are_finite():
-            last = self.run_dir / "checkpoint.pt"
-            clip = "" if self.config.grad_clip else " or set --grad_clip"  # only when it is off
-            raise TrainingDiverged(
-                f"the weights became non-finite at or before step {self.step} (learning rate "
-                f"{self.schedule.learning_rate(self.step - 1):.3g}); the last good checkpoint is "
-                f"{last if last.exists() else 'not written yet'}: lower --learning_rate{clip}")
+    def _check_health(self, logged: dict[str, Any] | None = None) -> None:
+        """Heal (``hvae.healing``), or stop with the step and the last good checkpoint,
+        once the run went wrong: an update made a weight non-finite (every later step
+        would be skipped and the run would 'succeed'), or, on logging steps
+        (``logged``: the host values), the updates stalled or the loss exploded."""
+        reason = self.healer.diagnose(
+            self.step, self.train_step_fn.weights_are_finite(),
+            skipped_total=None if logged is None else logged["skipped_total"],
+            loss=None if logged is None else logged["loss"])
+        if self.runtime.distributed:  # the losses differ between ranks: heal on all or none
+            flag = torch.tensor(int(reason is not None), device=self.runtime.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if bool(flag) and reason is None:  # HOST SYNC: logging and checkpoint steps only
+                reason = "another process's training loss exploded"
+        if reason is None:
+            return
+        if self.healer.attempts_left > 0 and self.healer.good_state is not None:
+            self._heal(reason)
+        if reason.startswith("the weights") or self.healer.enabled:
+            raise self._diverged(reason)
+
+    def _diverged(self, reason: str) -> TrainingDiverged:
+        last = self.run_dir / "checkpoint.pt"
+        clip = "" if self.config.grad_clip else " or set --grad_clip"  # only when it is off
+        when = (f"at or before step {self.step}" if reason.startswith("the weights")
+                else f"at step {self.step}")
+        heals = self.healer.heals
+        tried = (f"; {len(heals)} heal(s) did not help (the learning rate is x"
+                 f"{self.healer.lr_scale:g} now)" if heals else "")
+        return TrainingDiverged(
+            f"{reason} {when} (learning rate {self.schedule.learning_rate(max(self.step - 1, 0)):.3g})"
+            f"{tried}; the last good checkpoint is {last if last.exists() else 'not written yet'}: "
+            f"lower --learning_rate{clip}")
+
+    def _heal(self, reason: str) -> None:
+        """Roll back to the good state, lower the learning rate, say so and save; raises
+        ``RolledBack`` so that the loop restarts from the restored position."""
+        at, best, rank = self.step, self.best, self.runtime.rank if self.runtime.distributed else 0
+        Checkpointer.load_state(self, host_copy(self.healer.good_state), "the last good state",
+                                rank=rank, own_rng=True)
+        self.best = best  # checkpoint_best.pt stays the best seen
+        record = self.healer.heal(at, reason, self.step, int(self.skipper.skipped))
+        self._scale_learning_rate(self.healer.lr_scale)
+        self.train_step_fn.release_graph()  # its optimiser state was replaced
+        if self.runtime.is_main:
+            print(f"heal {record['heal']}/{self.config.heal_attempts} at step {at}: {reason}; "
+                  f"rolled back to step {self.step} and going on with the learning rate "
+                  f"x{self.healer.lr_scale:g} (--heal false turns healing off)",
+                  file=sys.stderr, flush=True)
+        self.logger.log({"heals": record["heal"], "lr_scale": record["lr_scale"],
+                         "rolled_back_to": self.step}, at, self.epoch, split="heal")
+        self.save()  # the restored state with its heal history: a resume goes on from here
+        raise RolledBack
 
     def _save_checked(self, name: str = "checkpoint.pt") -> None:
-        """Save, but never weights that are no longer finite."""
-        self._check_weights()
+        """Save, but never weights that are no longer finite (heal instead)."""
+        self._check_health()
         self.save(name)
 
     def _announce_stop(self) -> None:
@@ -380,6 +458,7 @@ class Trainer:
         evaluation then has what it has after eager steps.
         """
         self.train_step_fn.release_graph()
+        self._check_health()  # not evaluating weights a heal would replace
         self.phase = "evaluation"  # kept when it fails: resource_failure says where
         try:
             metrics = self._evaluate_and_save(final)
