@@ -93,8 +93,9 @@ class Config:
 
     # ---- self-healing (hvae/healing.py) ------------------------------------
     # when the weights become non-finite, updates stall (more than heal_skip_rate of
-    # the last heal_window steps skipped) or the training loss passes heal_loss_limit
-    # times a uniform guess's NELBO (0: that check off), roll back to the last good
+    # the last heal_window steps skipped) or the training loss stays above
+    # heal_loss_limit times a uniform guess's NELBO for heal_window steps (0: that
+    # check off), roll back to the last good
     # state and go on with the learning rate times heal_lr_factor; after heal_attempts
     # heals the run stops with an error instead
     heal: bool = True

@@ -63,7 +63,8 @@ def host_copy(state: Any) -> Any:
 class Healer:
     """Diagnoses a run at its logging and checkpoint steps and keeps its heal history.
 
-    ``good_state`` is the host copy the Trainer rolls back to.  ``marks`` are
+    ``good_state`` is the host copy the Trainer rolls back to: the last checkpoint
+    written while the run looked healthy (``suspect`` False).  ``marks`` are
     (step, skipped updates so far) at the logging steps since the last rollback:
     the skip rate over the last ``heal_window`` steps comes from them.
     """
@@ -75,6 +76,10 @@ class Healer:
         self.heals: list[dict[str, Any]] = []   # one record per heal (see ``heal``)
         self.marks: list[tuple[int, int]] = [(0, 0)]
         self.good_state: dict[str, Any] | None = None
+        self.high_loss_since: int | None = None  # first logging step of a high-loss streak
+        # the last logging step saw a high loss or mostly skipped updates since the one
+        # before: a checkpoint written now is not a good state to come back to
+        self.suspect = False
         self.loss_limit = config.heal_loss_limit * uniform_nelbo(config)
 
     # ------------------------------------------------------------ diagnosis
@@ -84,14 +89,28 @@ class Healer:
         and ``loss`` are given on logging steps (the logged host values)."""
         if not weights_finite:
             return "the weights became non-finite"
-        if loss is not None and self.config.heal_loss_limit and not loss < self.loss_limit:
-            return (f"the training loss reached {loss:.4g} nats per image, over "
-                    f"{self.config.heal_loss_limit:g} times a uniform guess's "
-                    f"({uniform_nelbo(self.config):.4g})")
+        window = self.config.heal_window
+        if loss is not None:
+            self.suspect = False
+        if loss is not None and self.config.heal_loss_limit:
+            # a loss over the limit at every logging step for a window: exploded and
+            # stayed there (a spike the run recovers from is not healed)
+            if loss < self.loss_limit:
+                self.high_loss_since = None
+            else:
+                self.suspect = True
+                if self.high_loss_since is None:
+                    self.high_loss_since = step
+                if step - self.high_loss_since >= window:
+                    return (f"the training loss stayed above {self.config.heal_loss_limit:g} "
+                            f"times a uniform guess's ({uniform_nelbo(self.config):.4g} nats "
+                            f"per image) for {step - self.high_loss_since} steps: {loss:.4g}")
         if skipped_total is None:
             return None
         skipped_total = int(skipped_total)
-        window = self.config.heal_window
+        last_step, last_skipped = self.marks[-1]
+        if skipped_total - last_skipped > self.config.heal_skip_rate * max(step - last_step, 1):
+            self.suspect = True
         earlier = [m for m in self.marks if m[0] <= step - window]
         stalled = None
         if earlier:
@@ -119,13 +138,17 @@ class Healer:
                   "reason": reason, "lr_scale": self.lr_scale}
         self.heals.append(record)
         self.marks = [(restored_step, int(skipped_total))]
+        self.high_loss_since, self.suspect = None, False
         return record
 
     def state_dict(self) -> dict[str, Any]:
         return {"lr_scale": self.lr_scale, "heals": [dict(h) for h in self.heals],
-                "marks": [list(m) for m in self.marks]}
+                "marks": [list(m) for m in self.marks], "high_loss_since": self.high_loss_since,
+                "suspect": self.suspect}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lr_scale = float(state["lr_scale"])
         self.heals = [dict(h) for h in state["heals"]]
         self.marks = [(int(a), int(b)) for a, b in state["marks"]]
+        self.high_loss_since = state.get("high_loss_since")
+        self.suspect = bool(state.get("suspect", False))

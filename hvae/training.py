@@ -216,11 +216,14 @@ class Trainer:
         return metrics
 
     def save(self, name: str = "checkpoint.pt") -> None:
-        """Write a checkpoint (main process).  ``checkpoint.pt`` is also the good state a
-        heal rolls back to: every process keeps a host copy of it."""
+        """Write a checkpoint (main process).  ``checkpoint.pt``, written while the run
+        looks healthy, is also the good state a heal rolls back to: every process keeps a
+        host copy of it."""
         if name == "checkpoint.pt" and self.healer.enabled:
-            self.healer.good_state = host_copy(Checkpointer.state(self))
-            self.checkpointer.save(self, name, state=self.healer.good_state)
+            state = host_copy(Checkpointer.state(self))
+            if not self.healer.suspect:  # not a state to come back to
+                self.healer.good_state = state
+            self.checkpointer.save(self, name, state=state)
         else:
             self.checkpointer.save(self, name)
         if name == "checkpoint.pt" and self.runtime.is_main:
@@ -392,10 +395,14 @@ class Trainer:
             self.step, self.train_step_fn.weights_are_finite(),
             skipped_total=None if logged is None else logged["skipped_total"],
             loss=None if logged is None else logged["loss"])
-        if self.runtime.distributed:  # the losses differ between ranks: heal on all or none
-            flag = torch.tensor(int(reason is not None), device=self.runtime.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if bool(flag) and reason is None:  # HOST SYNC: logging and checkpoint steps only
+        if self.runtime.distributed:  # the losses differ between ranks: heal on all or
+            # none, and keep the same good state on all
+            flags = torch.tensor([reason is not None, self.healer.suspect], dtype=torch.int32,
+                                 device=self.runtime.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            heal_any, suspect_any = flags.tolist()  # HOST SYNC: logging and checkpoint steps only
+            self.healer.suspect = bool(suspect_any)
+            if heal_any and reason is None:
                 reason = "another process's training loss exploded"
         if reason is None:
             return
