@@ -12,11 +12,14 @@ from hvae.model.sync_bn import SyncBatchNorm2d, convert_sync_batchnorm
 from test_training import TINY, _free_port, bernoulli_batch, torchrun_environment
 
 
-def _layer_worker(rank, port, x, upstream, out_file):
-    """Rank ``rank`` normalises its half of ``x``; saves what it computed."""
+def _layer_worker(rank, port, x, upstream, out_file, compiled=False):
+    """Rank ``rank`` normalises its half of ``x``; saves what it computed.  ``compiled``:
+    inside a region that ``--compile regional`` compiles (CPU twin: aot_eager)."""
     torchrun_environment(rank, 2, port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     bn = SyncBatchNorm2d(x.shape[1], momentum=0.3)
+    if compiled:
+        bn.forward = torch.compile(bn.forward, backend="aot_eager", fullgraph=False)
     with torch.no_grad():
         bn.weight.copy_(torch.linspace(0.5, 2.0, x.shape[1]))
         bn.bias.copy_(torch.linspace(-1.0, 1.0, x.shape[1]))
@@ -30,16 +33,19 @@ def _layer_worker(rank, port, x, upstream, out_file):
     torch.distributed.destroy_process_group()
 
 
-def test_two_ranks_normalise_as_one_process_with_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_ranks_normalise_as_one_process_with_the_whole_batch(tmp_path, compiled):
     """Outputs, input gradients, the summed gamma/beta gradients and the running statistics
     (momentum 0.3, unbiased variance) equal nn.BatchNorm2d's on the concatenated batch,
-    for inputs whose mean (about 1000) is large against their spread (3)."""
+    for inputs whose mean (about 1000) is large against their spread (3); also inside a
+    compiled region."""
     g = torch.Generator().manual_seed(0)
     x = 1000 + 3 * torch.randn(8, 5, 4, 4, generator=g)
     x = x.contiguous(memory_format=torch.channels_last)
     upstream = torch.randn(8, 5, 4, 4, generator=g)
     out = tmp_path / "layer"
-    torch.multiprocessing.start_processes(_layer_worker, args=(_free_port(), x, upstream, str(out)),
+    torch.multiprocessing.start_processes(_layer_worker, args=(_free_port(), x, upstream, str(out),
+                                                                compiled),
                                           nprocs=2, start_method="spawn")
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
 

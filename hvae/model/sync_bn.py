@@ -41,6 +41,15 @@ class AllReduceSum(torch.autograd.Function):
         return collectives.wait_tensor(summed), None
 
 
+@torch.compiler.disable
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """``AllReduceSum`` run eagerly, also inside a region that ``--compile`` compiles:
+    traced, the all-reduce lost its backward and the input gradients came out wrong
+    (tests/test_sync_bn.py).  It costs one graph break per BatchNorm layer, and only
+    with ``--sync_bn`` under torchrun."""
+    return AllReduceSum.apply(x, group)
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose training statistics span every rank of ``process_group``.
 
@@ -68,7 +77,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         d = x.float() - shift.view(shape)
         count = torch.full((1,), x.numel() // c, dtype=torch.float32, device=x.device)
         group = self.process_group or dist.group.WORLD
-        sums = AllReduceSum.apply(
+        sums = all_reduce_sum(
             torch.cat([d.sum((0, 2, 3)), d.square().sum((0, 2, 3)), count]), group)
         n = sums[2 * c]
         offset = sums[:c] / n
