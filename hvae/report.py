@@ -73,9 +73,12 @@ def build_report(model: nn.Module, config, test_loader: Iterable, *, num_iw_samp
 
 
 def read_curves(metrics_file: str | os.PathLike) -> dict[str, list[list[float]]]:
-    """(step, value) pairs of the training NELBO and bits/dim and of the test NELBO."""
+    """(step, value) pairs of the training NELBO and bits/dim and of the test NELBO, and
+    the heals as (step, rolled back to, learning-rate factor).  A heal's rollback drops the
+    points after the step it went back to: the curves show the run that was kept."""
     path = Path(metrics_file)
-    curves: dict[str, list[list[float]]] = {"train_nelbo": [], "train_bpd": [], "test_nelbo": []}
+    curves: dict[str, list[list[float]]] = {"train_nelbo": [], "train_bpd": [], "test_nelbo": [],
+                                            "heals": []}
     if not path.is_file():
         return curves
     for line in path.read_text().splitlines():
@@ -89,6 +92,11 @@ def read_curves(metrics_file: str | os.PathLike) -> dict[str, list[list[float]]]
                 curves[name].append([step, row[key]])
         if split == "test" and _finite(row.get("test_nelbo")):
             curves["test_nelbo"].append([step, row["test_nelbo"]])
+        if split == "heal" and _finite(row.get("rolled_back_to")):
+            back = row["rolled_back_to"]
+            for name in ("train_nelbo", "train_bpd", "test_nelbo"):
+                curves[name] = [point for point in curves[name] if point[0] <= back]
+            curves["heals"].append([step, back, row.get("lr_scale")])
     return curves
 
 
@@ -161,6 +169,7 @@ figure {{ display: inline-block; margin: 0 12px 12px 0; }} img {{ image-renderin
 <div class="charts">{line_chart({"train": curves.get("train_nelbo", []),
                                   "test": curves.get("test_nelbo", [])}, "NELBO (nats)")}
 {line_chart({"train": curves.get("train_bpd", [])}, "bits/dim")}</div>
+{_heals_html(curves.get("heals", []))}
 <h2>Config</h2>
 <table class="small">{config}</table>
 <p>hvae {_e(report['hvae_version'])}, torch {_e(report['torch_version'])}</p>
@@ -225,6 +234,15 @@ def line_chart(series: dict[str, list[list[float]]], title: str, width: int = 46
 
 
 # ------------------------------------------------------------------- helpers --
+def _heals_html(heals: list) -> str:
+    """One line per heal of the run (self-healing training), or nothing."""
+    if not heals:
+        return ""
+    items = "".join(f"<li>at step {step:,}: rolled back to step {back:,}, learning rate "
+                    f"x{scale:g} from there</li>" for step, back, scale in heals)
+    return f"<p>The run healed itself {len(heals)} time(s):</p><ul>{items}</ul>"
+
+
 def _png(images: torch.Tensor, nrow: int) -> bytes:
     from torchvision.utils import make_grid
     grid = make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0)

@@ -73,3 +73,21 @@ def test_a_headless_browser_opens_the_report_and_loads_its_images(report_files, 
          "--virtual-time-budget=3000", "--dump-dom", probe.as_uri()],
         capture_output=True, text=True, timeout=120)
     assert "<title>loaded 4</title>" in done.stdout, done.stderr[-2000:]
+
+
+def test_curves_keep_the_run_a_heal_kept(tmp_path):
+    """A heal at step 4 rolled back to step 2: the curves drop steps 3 and 4 of the abandoned
+    branch, keep its replay, and the page lists the heal."""
+    from hvae.report import read_curves, render_html
+    rows = [{"split": "train", "step": s, "nelbo": 500 - s, "bpd": 0.9} for s in (1, 2, 3, 4)]
+    rows += [{"split": "heal", "step": 4, "heals": 1, "lr_scale": 0.5, "rolled_back_to": 2}]
+    rows += [{"split": "train", "step": s, "nelbo": 400 - s, "bpd": 0.8} for s in (3, 4)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curves = read_curves(path)
+    assert curves["train_nelbo"] == [[1, 499], [2, 498], [3, 397], [4, 396]]
+    assert curves["heals"] == [[4, 2, 0.5]]
+    report = {"test": {}, "iw": {}, "kl_per_group": [], "active_units_per_group": [],
+              "images": [], "config": {}, "preset": "demo", "dataset": "d", "data_dims": 784,
+              "hvae_version": "x", "torch_version": "y", "curves": curves}
+    assert "at step 4: rolled back to step 2, learning rate x0.5" in render_html(report, {})
